@@ -1,0 +1,119 @@
+"""The `dlrun` command: compose the configs, build every piece, run the mode."""
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dlrun import checkpoint
+from dlrun.errors import UserError
+
+log = logging.getLogger("dlrun")
+MODES = ("train", "eval")
+# The configs live beside the package (DESIGN section 2); an editable install keeps that layout.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"device='{name}' is not a device; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device='{name}' asks for CUDA but none is available here; use device=cpu or auto.")
+    return device
+
+
+def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """instantiate(), with a failing constructor reported as a user error naming the config group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        reason = f"{type(cause).__name__}: {cause}" if cause else str(err)
+        raise UserError(f"The {what} config could not be built ({reason}). Check the {what}.* values.") from err
+
+
+def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, Any]:
+    """The chosen options and the key hyperparameters, flattened for TensorBoard's HParams tab."""
+    out: dict[str, Any] = {g: str(choices.get(g)) for g in ("model", "data", "loss", "optim", "sched")}
+    out |= {"seed": cfg.seed, "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.get("weight_decay", 0),
+            "data.batch_size": cfg.data.batch_size, "trainer.max_epochs": cfg.trainer.max_epochs,
+            "trainer.precision": cfg.trainer.precision}  # fmt: skip
+    for key, value in cfg.model.items():
+        if isinstance(value, int | float | str | bool) and not str(key).startswith("_"):
+            out[f"model.{key}"] = value
+    return out
+
+
+def run(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] | None = None) -> dict:
+    """Everything `dlrun` does after Hydra composed the config; tests call it directly."""
+    if cfg.mode not in MODES:
+        raise UserError(f"mode='{cfg.mode}' is not a mode of this task; use one of: {', '.join(MODES)}.")
+    if cfg.mode == "eval" and not cfg.ckpt:
+        raise UserError("mode=eval needs ckpt=PATH, the checkpoint to evaluate (e.g. <run>/checkpoints/best.pt).")
+    missing = sorted(k for k in OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)["data"]
+                     if OmegaConf.is_missing(cfg.data, k))  # fmt: skip
+    if missing:
+        raise UserError(f"data.{missing[0]} must be set for data={(choices or {}).get('data')}, e.g. data.{missing[0]}=PATH.")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    run_dir = Path(run_dir)
+    log.info("run folder: %s", run_dir.resolve())
+    log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
+
+    data = build(cfg.data, "data")
+    with open_dict(cfg):  # image folders know their class count only once read
+        cfg.data.num_classes = data.num_classes
+    data.setup(device, cfg.seed)
+    model = build(cfg.model, "model")
+    trainer = build(
+        cfg.trainer, "trainer", model=model, data=data, loss=build(cfg.loss, "loss"),
+        optim=build(cfg.optim, "optim"), sched=build(cfg.sched, "sched"), run_dir=run_dir,
+        device=device, config=OmegaConf.to_container(cfg, resolve=True),
+        hparams=hparams_of(cfg, choices or {}),
+    )  # fmt: skip
+    if cfg.ckpt and not cfg.resume:
+        state = checkpoint.load(cfg.ckpt)
+        checkpoint.load_model_state(model, state, cfg.ckpt)
+        if cfg.mode == "eval":
+            trainer.epoch, trainer.step_count = state.get("epoch", 0), state.get("step", 0)
+            metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
+            log.info("test/acc=%.4f test/loss=%.4f", metrics["test/acc"], metrics["test/loss"])
+            return metrics
+    metrics = trainer.fit(resume=bool(cfg.resume))
+    log.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        metrics = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
+    except UserError as err:
+        print(f"dlrun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"dlrun: interrupted; continue with resume=true hydra.run.dir={hc.runtime.output_dir}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    return metrics.get("val/acc")  # the objective a Hydra sweeper (e.g. Optuna) maximises
+
+
+def main() -> None:
+    _hydra_main()

@@ -1,0 +1,1 @@
+"""Model families: one file each; configs/model/*.yaml name their constructors."""

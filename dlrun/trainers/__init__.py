@@ -1,0 +1,1 @@
+"""The shared loop (`base.Trainer`) and one subclass per task."""

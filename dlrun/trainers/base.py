@@ -1,0 +1,222 @@
+"""The one training loop: devices, precision, compile, epochs, evaluation, TensorBoard, checkpoints, resume."""
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from dlrun import checkpoint
+from dlrun.errors import UserError
+from dlrun.tb import HParam, log_config, log_hparams
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    """Owns the loop; a task subclass implements `step(batch) -> sums` and `evaluate(loader)`."""
+
+    monitor = "val/acc"  # the metric that picks best.pt; higher is better
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        data: Any,
+        optim: Callable[..., Optimizer],
+        sched: Callable[..., LRScheduler],
+        run_dir: str | Path,
+        device: torch.device,
+        config: Mapping[str, Any],
+        hparams: Mapping[str, HParam],
+        max_epochs: int = 10,
+        max_steps: int | None = None,
+        precision: str = "fp32",
+        compile: bool = False,
+        log_every_n_steps: int = 50,
+        progress: bool | None = None,
+    ) -> None:
+        if precision not in DTYPES:
+            raise UserError(f"trainer.precision must be one of {', '.join(DTYPES)}, got '{precision}'.")
+        if max_epochs < 1 or (max_steps is not None and max_steps < 1):
+            raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
+        self.device, self.data, self.config, self.hparams = device, data, dict(config), dict(hparams)
+        self.run_dir = Path(run_dir)
+        self.model = model.to(device)
+        self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.optimizer = optim(params=[p for p in self.model.parameters() if p.requires_grad])
+        self.steps_per_epoch = len(data.train_loader())
+        self.max_steps = max_steps or max_epochs * self.steps_per_epoch
+        self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
+        self.scheduler = sched(
+            self.optimizer, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch
+        )
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.forward_model = torch.compile(self.model) if compile else self.model
+        self.log_every = max(1, log_every_n_steps)
+        self.progress = progress
+        self.epoch = self.step_count = 0
+        self.train_time = 0.0
+        self.metrics: dict[str, float] = {}
+        self.best: float | None = None
+        self.writer: SummaryWriter | None = None
+
+    # ----- what a task provides -----------------------------------------------------------------
+    def step(self, batch: Any) -> dict[str, Tensor]:
+        """One optimisation step; returns batch *sums* (detached) to be averaged over the epoch."""
+        raise NotImplementedError
+
+    def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def log_start(self, writer: SummaryWriter) -> None:
+        """Anything a task logs once at the start of a fresh run (e.g. an image grid)."""
+
+    # ----- helpers for tasks ----------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def optimize(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    # ----- the loop -------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if resume:
+            self._restore(last)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step_count if resume else None)
+        if not resume:
+            log_config(self.writer, OmegaConf.to_yaml(self.config))
+            log_hparams(self.writer, self.hparams, [self.monitor, "val/loss"])
+            self.log_start(self.writer)
+        log.info("%s: %d trainable parameters", type(self.model).__name__, self.params)
+        while self.epoch < self.max_epochs and self.step_count < self.max_steps:
+            self._train_epoch()
+            self.epoch += 1
+            self._log(self.evaluate(self.data.val_loader(), "val"))
+            checkpoint.save(last, self._state())
+            score = self.metrics.get(self.monitor)
+            if score is not None and (self.best is None or score > self.best):
+                self.best = score
+                shutil.copyfile(last, last.with_name(".best.tmp"))
+                (last.with_name(".best.tmp")).replace(last.with_name("best.pt"))
+        self.writer.close()
+        return self.write_metrics()
+
+    def _batches(self) -> Iterator[Any]:
+        loader = self.data.train_loader()
+        bar = tqdm(
+            loader, total=len(loader), desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
+            disable=(not self.progress) if self.progress is not None else None, leave=False,
+        )  # fmt: skip
+        self._bar = bar
+        yield from bar
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        sums: dict[str, Tensor] = {}
+        window: dict[str, Tensor] = {}
+        seen = window_seen = 0
+        self._sync()
+        start = time.perf_counter()
+        for batch in self._batches():
+            out = self.step(batch)
+            n = len(batch[0])
+            seen, window_seen = seen + n, window_seen + n
+            self.step_count += 1
+            for k, v in out.items():  # stays on the device: no host sync per step
+                sums[k] = sums[k] + v if k in sums else v
+                window[k] = window[k] + v if k in window else v
+            if self.step_count % self.log_every == 0:
+                means = {k: v.item() / window_seen for k, v in window.items()}
+                for k, v in means.items():
+                    self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
+                self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step_count)
+                rate = seen / (time.perf_counter() - start)
+                self._bar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
+                window, window_seen = {}, 0
+            if self.step_count >= self.max_steps:
+                break
+        self._sync()
+        elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        metrics = {f"train/{k}": v.item() / max(1, seen) for k, v in sums.items()}
+        metrics |= {
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/images_per_s": seen / elapsed,
+            "time/epoch_s": elapsed,
+            "epoch": float(self.epoch + 1),
+        }
+        self._log(metrics)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _log(self, metrics: Mapping[str, float]) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, self.step_count)
+        self.metrics.update(metrics)
+        if any(k.startswith("val/") for k in metrics):
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items() if "/" in k and "_s" not in k)
+            log.info("epoch %d step %d: %s", self.epoch, self.step_count, shown)
+
+    # ----- checkpoints and metrics ----------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": checkpoint.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": checkpoint.rng_state(self.data.generator),
+            "epoch": self.epoch,
+            "step": self.step_count,
+            "train_time": self.train_time,
+            "metrics": self.metrics,
+            "best": self.best,
+            "config": self.config,
+        }
+
+    def _restore(self, path: Path) -> None:
+        if not path.is_file():
+            raise UserError(
+                f"resume=true found no checkpoint at {path}. Pass the run folder to continue as "
+                "hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/2026-01-01/12-00-00), "
+                "or drop resume=true to start a new run."
+            )
+        state = checkpoint.load(path)
+        checkpoint.load_model_state(self.model, state, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"], self.data.generator)
+        self.epoch, self.step_count = state["epoch"], state["step"]
+        self.train_time, self.metrics, self.best = state["train_time"], state["metrics"], state["best"]
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_count)
+
+    def write_metrics(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+        """metrics.json: the last value of every logged scalar, plus params, epoch, step, train time."""
+        out = dict(self.metrics) | dict(extra or {})
+        out |= {"params": self.params, "epoch": self.epoch, "step": self.step_count,
+                "time/train_s": self.train_time}  # fmt: skip
+        (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        return out

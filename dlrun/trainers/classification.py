@@ -1,0 +1,48 @@
+"""Image classification: cross-entropy / hinge training, accuracy, best.pt by val/acc."""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from dlrun.losses import Objective
+from dlrun.trainers.base import Trainer
+
+
+class ClassificationTrainer(Trainer):
+    """Trains `model(x) -> logits` against integer labels."""
+
+    def __init__(self, *, loss: Objective, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loss = loss
+
+    def step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        with self.autocast():
+            logits = self.forward_model(x)  # (B, K)
+            loss = self.loss(logits, y)
+        total = loss + self.loss.penalty(self.model)
+        self.optimize(total)
+        # Sums, not means: the loop divides by the number of images once per epoch.
+        return {"loss": loss.detach() * len(y), "acc": (logits.argmax(1) == y).sum()}
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
+        for x, y in loader:
+            with self.autocast():
+                logits = self.forward_model(x)
+            loss_sum += self.loss(logits.float(), y) * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
+        return {f"{prefix}/loss": loss_sum.item() / n, f"{prefix}/acc": correct.item() / n}
+
+    def log_start(self, writer: SummaryWriter) -> None:
+        # The stored uint8 images, not a loader batch: drawing one would advance the data RNG.
+        images = self.data.train_x[:32].float() / 255
+        writer.add_image("train/images", make_grid(images, nrow=8), 0)
