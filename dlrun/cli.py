@@ -81,10 +81,11 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] 
         cfg.data.num_classes = data.num_classes
     data.setup(device, cfg.seed)
     model = build(cfg.model, "model")
-    trainer = build(
-        cfg.trainer, "trainer", model=model, data=data, loss=build(cfg.loss, "loss"),
+    # Partial first, then call: instantiate() would copy these live objects into the config.
+    trainer = build(cfg.trainer, "trainer", _partial_=True)(
+        model=model, data=data, loss=build(cfg.loss, "loss"),
         optim=build(cfg.optim, "optim"), sched=build(cfg.sched, "sched"), run_dir=run_dir,
-        device=device, config=OmegaConf.to_container(cfg, resolve=True),
+        device=device, run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
     )  # fmt: skip
     if cfg.ckpt and not cfg.resume:

@@ -39,7 +39,7 @@ class Trainer:
         sched: Callable[..., LRScheduler],
         run_dir: str | Path,
         device: torch.device,
-        config: Mapping[str, Any],
+        run_config: Mapping[str, Any],
         hparams: Mapping[str, HParam],
         max_epochs: int = 10,
         max_steps: int | None = None,
@@ -52,7 +52,7 @@ class Trainer:
             raise UserError(f"trainer.precision must be one of {', '.join(DTYPES)}, got '{precision}'.")
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
-        self.device, self.data, self.config, self.hparams = device, data, dict(config), dict(hparams)
+        self.device, self.data, self.config, self.hparams = device, data, dict(run_config), dict(hparams)
         self.run_dir = Path(run_dir)
         self.model = model.to(device)
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
