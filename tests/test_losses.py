@@ -1,0 +1,39 @@
+import math
+
+import pytest
+import torch
+
+from dlrun.losses import Objective, cross_entropy, multiclass_hinge, weight_penalty
+
+
+def test_cross_entropy_of_uniform_scores_is_log_k() -> None:
+    assert cross_entropy(torch.zeros(4, 10), torch.arange(4)).item() == pytest.approx(math.log(10))
+
+
+def test_cross_entropy_label_smoothing_known_answer() -> None:
+    # Two classes, scores (0, 0): every target distribution gives log 2.
+    logits, target = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+    p = torch.log_softmax(logits, 1)[0]
+    expected = -(0.95 * p[0] + 0.05 * p[1])  # eps=0.1 spread over K=2 classes
+    assert cross_entropy(logits, target, label_smoothing=0.1).item() == pytest.approx(expected.item())
+
+
+def test_hinge_matches_the_notes_worked_example() -> None:
+    # The classic three-image example: losses 2.9, 0 and 12.9, mean 5.27.
+    scores = torch.tensor([[3.2, 5.1, -1.7], [1.3, 4.9, 2.0], [2.2, 2.5, -3.1]])
+    target = torch.tensor([0, 1, 2])
+    assert multiclass_hinge(scores, target).item() == pytest.approx((2.9 + 0 + 12.9) / 3, abs=1e-5)
+
+
+def test_weight_penalty_skips_biases() -> None:
+    w, b = torch.tensor([[1.0, -2.0]]), torch.tensor([5.0])
+    assert weight_penalty([w, b], l1=0.5, l2=0.25) == pytest.approx(0.5 * 3 + 0.25 * 5)
+    assert weight_penalty([w, b]) == 0.0
+
+
+def test_objective_resolves_the_loss_by_import_path() -> None:
+    obj = Objective("dlrun.losses.multiclass_hinge", l2=1.0, margin=1.0)
+    model = torch.nn.Linear(2, 3, bias=False)
+    torch.nn.init.ones_(model.weight)
+    assert obj.name == "multiclass_hinge"
+    assert obj.penalty(model).item() == pytest.approx(6.0)

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from dlrun.cli import CONFIG_DIR
+
+MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+SHAPES = {"mnist": (1, 28), "cifar10": (3, 32)}
+
+
+@pytest.mark.parametrize("data", SHAPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_trains_on_every_shape(make_cfg, model: str, data: str) -> None:
+    cfg = make_cfg(f"model={model}", f"data={data}")
+    net = instantiate(cfg.model)
+    c, s = SHAPES[data]
+    out = net(torch.randn(4, c, s, s))
+    assert out.shape == (4, 10)
+    out.logsumexp(1).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{model}: no gradient for {name}"
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_lenet_options(make_cfg, activation: str, pool: str) -> None:
+    net = instantiate(make_cfg("model=lenet", f"model.activation={activation}", f"model.pool={pool}").model)
+    assert any(type(m).__name__.lower() == activation for m in net.modules())
+    assert any(type(m).__name__.lower().startswith(pool) for m in net.modules())
+    assert sum(p.numel() for p in net.parameters()) == 61706  # LeNet-5's 61,706 for 10 classes
+
+
+def test_mlp_is_the_notes_784_128_10_net(make_cfg) -> None:
+    net = instantiate(make_cfg("model=mlp").model)
+    assert sum(p.numel() for p in net.parameters()) == 784 * 128 + 128 + 128 * 10 + 10
+
+
+def test_unknown_activation_is_refused(make_cfg) -> None:
+    with pytest.raises(Exception, match="unknown activation 'gelu'.*sigmoid, tanh, relu"):
+        instantiate(make_cfg("model=mlp", "model.activation=gelu").model)

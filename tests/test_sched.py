@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from dlrun import sched
+
+
+def lrs(build, steps: int, lr: float = 1.0, **kwargs) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    s = build(opt, total_steps=steps, steps_per_epoch=10, **kwargs)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return out
+
+
+def test_constant_with_linear_warmup() -> None:
+    out = lrs(sched.constant, 40, warmup_epochs=1)
+    assert out[0] == pytest.approx(0.01)
+    assert out[5] == pytest.approx(0.01 + 0.99 * 5 / 10)
+    assert out[10:] == pytest.approx([1.0] * 30)
+
+
+def test_cosine_decays_to_min_lr() -> None:
+    out = lrs(sched.cosine, 100, min_lr=0.1)
+    assert out[0] == pytest.approx(1.0)
+    assert out[50] == pytest.approx(0.55, abs=1e-6)
+    assert out[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_step_decays_every_step_epochs() -> None:
+    out = lrs(sched.step, 30, step_epochs=1, gamma=0.5)
+    assert out[9] == 1.0 and out[10] == 0.5 and out[20] == 0.25
+
+
+def test_onecycle_peaks_at_the_optimizer_lr() -> None:
+    out = lrs(sched.onecycle, 100, lr=0.5, pct_start=0.25)
+    assert max(out) == pytest.approx(0.5)
+    assert out.index(max(out)) in (24, 25)
+    assert out[0] == pytest.approx(0.5 / 25)
+    assert out[-1] < 1e-3
