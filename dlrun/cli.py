@@ -73,6 +73,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run folder: %s", run_dir.resolve())
     log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
 

@@ -72,9 +72,12 @@ def onecycle(
     """Smith's one-cycle: linear warmup to the optimizer's lr, then annealing to lr/(div*final_div)."""
     if warmup_epochs:
         pct_start = min(0.99, warmup_epochs * steps_per_epoch / max(1, total_steps))
+    total_steps = max(3, total_steps)
+    # torch divides by each phase's length: keep both phases at least one step long on short runs.
+    pct_start = min(max(pct_start, 2 / total_steps), (total_steps - 1) / total_steps)
     max_lr = [group["lr"] for group in optimizer.param_groups]
     return OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=max(2, total_steps), pct_start=pct_start,
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
         div_factor=div_factor, final_div_factor=final_div_factor,
         anneal_strategy=anneal_strategy, cycle_momentum=False,
     )  # fmt: skip

@@ -40,3 +40,8 @@ def test_onecycle_peaks_at_the_optimizer_lr() -> None:
     assert out.index(max(out)) in (24, 25)
     assert out[0] == pytest.approx(0.5 / 25)
     assert out[-1] < 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_onecycle_survives_very_short_runs(steps: int) -> None:
+    assert len(lrs(sched.onecycle, steps)) == steps

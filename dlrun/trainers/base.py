@@ -190,6 +190,7 @@ class Trainer:
             "rng": checkpoint.rng_state(self.data.generator),
             "epoch": self.epoch,
             "step": self.step_count,
+            "max_steps": self.max_steps,
             "train_time": self.train_time,
             "metrics": self.metrics,
             "best": self.best,
@@ -204,6 +205,13 @@ class Trainer:
                 "or drop resume=true to start a new run."
             )
         state = checkpoint.load(path)
+        if state.get("max_steps") != self.max_steps:
+            raise UserError(
+                f"resume=true continues the run in {self.run_dir} as it was configured, but its "
+                f"checkpoint plans {state.get('max_steps')} steps and this config {self.max_steps} "
+                "(trainer.max_epochs, trainer.max_steps, data.batch_size or data.train_subset changed). "
+                "Resume with the run's own settings, or start a new run from its weights with ckpt=PATH."
+            )
         checkpoint.load_model_state(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
