@@ -30,7 +30,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as err:
         raise UserError(f"device='{name}' is not a device; use auto, cpu, cuda or cuda:N.") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device='{name}' asks for CUDA but none is available here; use device=cpu or auto.")
+        raise UserError(
+            f"device='{name}' asks for CUDA but none is available here; use device=cpu or auto."
+        )
     return device
 
 
@@ -43,31 +45,51 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         reason = f"{type(cause).__name__}: {cause}" if cause else str(err)
-        raise UserError(f"The {what} config could not be built ({reason}). Check the {what}.* values.") from err
+        raise UserError(
+            f"The {what} config could not be built ({reason}). Check the {what}.* values."
+        ) from err
 
 
 def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, Any]:
     """The chosen options and the key hyperparameters, flattened for TensorBoard's HParams tab."""
-    out: dict[str, Any] = {g: str(choices.get(g)) for g in ("model", "data", "loss", "optim", "sched")}
-    out |= {"seed": cfg.seed, "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.get("weight_decay", 0),
-            "data.batch_size": cfg.data.batch_size, "trainer.max_epochs": cfg.trainer.max_epochs,
-            "trainer.precision": cfg.trainer.precision}  # fmt: skip
+    out: dict[str, Any] = {
+        g: str(choices.get(g)) for g in ("model", "data", "loss", "optim", "sched")
+    }
+    out |= {
+        "seed": cfg.seed,
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.get("weight_decay", 0),
+        "data.batch_size": cfg.data.batch_size,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+        "trainer.precision": cfg.trainer.precision,
+    }
     for key, value in cfg.model.items():
         if isinstance(value, int | float | str | bool) and not str(key).startswith("_"):
             out[f"model.{key}"] = value
     return out
 
 
-def run(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] | None = None) -> dict:
+def run(
+    cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] | None = None
+) -> dict:
     """Everything `dlrun` does after Hydra composed the config; tests call it directly."""
     if cfg.mode not in MODES:
-        raise UserError(f"mode='{cfg.mode}' is not a mode of this task; use one of: {', '.join(MODES)}.")
+        raise UserError(
+            f"mode='{cfg.mode}' is not a mode of this task; use one of: {', '.join(MODES)}."
+        )
     if cfg.mode == "eval" and not cfg.ckpt:
-        raise UserError("mode=eval needs ckpt=PATH, the checkpoint to evaluate (e.g. <run>/checkpoints/best.pt).")
-    missing = sorted(k for k in OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)["data"]
-                     if OmegaConf.is_missing(cfg.data, k))  # fmt: skip
+        raise UserError(
+            "mode=eval needs ckpt=PATH, the checkpoint to evaluate (e.g. <run>/checkpoints/best.pt)."
+        )
+    missing = sorted(
+        k
+        for k in OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)["data"]
+        if OmegaConf.is_missing(cfg.data, k)
+    )
     if missing:
-        raise UserError(f"data.{missing[0]} must be set for data={(choices or {}).get('data')}, e.g. data.{missing[0]}=PATH.")
+        raise UserError(
+            f"data.{missing[0]} must be set for data={(choices or {}).get('data')}, e.g. data.{missing[0]}=PATH."
+        )
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -84,11 +106,16 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] 
     model = build(cfg.model, "model")
     # Partial first, then call: instantiate() would copy these live objects into the config.
     trainer = build(cfg.trainer, "trainer", _partial_=True)(
-        model=model, data=data, loss=build(cfg.loss, "loss"),
-        optim=build(cfg.optim, "optim"), sched=build(cfg.sched, "sched"), run_dir=run_dir,
-        device=device, run_config=OmegaConf.to_container(cfg, resolve=True),
+        model=model,
+        data=data,
+        loss=build(cfg.loss, "loss"),
+        optim=build(cfg.optim, "optim"),
+        sched=build(cfg.sched, "sched"),
+        run_dir=run_dir,
+        device=device,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
-    )  # fmt: skip
+    )
     if cfg.ckpt and not cfg.resume:
         state = checkpoint.load(cfg.ckpt)
         checkpoint.load_model_state(model, state, cfg.ckpt)
@@ -98,7 +125,9 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] 
             log.info("test/acc=%.4f test/loss=%.4f", metrics["test/acc"], metrics["test/loss"])
             return metrics
     metrics = trainer.fit(resume=bool(cfg.resume))
-    log.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
+    log.info(
+        "done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+    )
     return metrics
 
 
@@ -111,8 +140,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"dlrun: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"dlrun: interrupted; continue with resume=true hydra.run.dir={hc.runtime.output_dir}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"dlrun: interrupted; continue with resume=true hydra.run.dir={hc.runtime.output_dir}",
+            file=sys.stderr,
+        )
         sys.exit(130)
     return metrics.get("val/acc")  # the objective a Hydra sweeper (e.g. Optuna) maximises
 

@@ -49,4 +49,3 @@ class Objective:
 
     def penalty(self, model: nn.Module) -> Tensor | float:
         return weight_penalty(model.parameters(), self.l1, self.l2)
-

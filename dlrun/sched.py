@@ -77,7 +77,12 @@ def onecycle(
     pct_start = min(max(pct_start, 2 / total_steps), (total_steps - 1) / total_steps)
     max_lr = [group["lr"] for group in optimizer.param_groups]
     return OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
-        div_factor=div_factor, final_div_factor=final_div_factor,
-        anneal_strategy=anneal_strategy, cycle_momentum=False,
-    )  # fmt: skip
+        optimizer,
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        anneal_strategy=anneal_strategy,
+        cycle_momentum=False,
+    )

@@ -13,7 +13,9 @@ def log_config(writer: SummaryWriter, yaml_text: str) -> None:
     writer.add_text("config", "\n".join("    " + line for line in yaml_text.splitlines()), 0)
 
 
-def log_hparams(writer: SummaryWriter, params: Mapping[str, HParam], metrics: Iterable[str]) -> None:
+def log_hparams(
+    writer: SummaryWriter, params: Mapping[str, HParam], metrics: Iterable[str]
+) -> None:
     """Declare this run's hyperparameters and the metric tags the HParams tab should show.
 
     The metric values are the run's ordinary scalars under those tags, so the summary is written

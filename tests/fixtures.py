@@ -7,7 +7,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _images(n: int, c: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +38,9 @@ def write_idx(root: Path, name: str = "MNIST", n_train: int = 200, n_test: int =
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         x, y = _images(n, 1, 28, seed)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes()
+        )
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + y.tobytes())
     return root
 
@@ -46,8 +59,13 @@ def write_cifar_pickles(root: Path, per_batch: int = 20, n_test: int = 40) -> Pa
     return root
 
 
-def write_png_folder(base: Path, splits: tuple[str, ...] = ("train", "test"), n: int = 30,
-                     size: int = 32, classes: list[str] | None = None) -> Path:
+def write_png_folder(
+    base: Path,
+    splits: tuple[str, ...] = ("train", "test"),
+    n: int = 30,
+    size: int = 32,
+    classes: list[str] | None = None,
+) -> Path:
     classes = classes or CIFAR_CLASSES
     for seed, split in enumerate(splits):
         x, y = _images(n, 3, size, seed)

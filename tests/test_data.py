@@ -11,11 +11,14 @@ from dlrun.errors import UserError
 from tests.fixtures import write_png_folder
 
 
-@pytest.mark.parametrize(("data", "n_train", "n_test", "shape"), [
-    ("mnist", 200, 100, (1, 28, 28)),
-    ("fashion_mnist", 200, 100, (1, 28, 28)),
-    ("cifar10", 100, 40, (3, 32, 32)),  # from the cifar-10-batches-py pickles
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("data", "n_train", "n_test", "shape"),
+    [
+        ("mnist", 200, 100, (1, 28, 28)),
+        ("fashion_mnist", 200, 100, (1, 28, 28)),
+        ("cifar10", 100, 40, (3, 32, 32)),  # from the cifar-10-batches-py pickles
+    ],
+)
 def test_real_loaders_read_fixture_files(make_cfg, data, n_train, n_test, shape) -> None:
     d = instantiate(make_cfg(f"data={data}").data)
     assert d.train_x.dtype == torch.uint8 and d.train_x.shape == (n_train, *shape)
@@ -38,11 +41,22 @@ def test_cifar_png_folder_is_detected_and_decoded_once(make_cfg, tmp_path, monke
 
 
 def test_imagefolder_resizes_and_converts_channels(make_cfg, tmp_path) -> None:
-    root = write_png_folder(tmp_path / "faces", splits=("train", "val"), n=12, size=40,
-                            classes=["a", "b", "c"])  # fmt: skip
-    d = instantiate(make_cfg("data=imagefolder", f"data.root={root}", "data.channels=1",
-                             "data.image_size=24", "data.mean=[0.5]", "data.std=[0.5]").data)  # fmt: skip
-    assert d.train_x.shape == (12, 1, 24, 24) and d.num_classes == 3 and d.classes == ["a", "b", "c"]
+    root = write_png_folder(
+        tmp_path / "faces", splits=("train", "val"), n=12, size=40, classes=["a", "b", "c"]
+    )
+    d = instantiate(
+        make_cfg(
+            "data=imagefolder",
+            f"data.root={root}",
+            "data.channels=1",
+            "data.image_size=24",
+            "data.mean=[0.5]",
+            "data.std=[0.5]",
+        ).data
+    )
+    assert (
+        d.train_x.shape == (12, 1, 24, 24) and d.num_classes == 3 and d.classes == ["a", "b", "c"]
+    )
 
 
 def test_train_subset_and_val_split(make_cfg) -> None:
@@ -67,7 +81,9 @@ def test_failed_download_is_reported_with_its_reason(make_cfg, tmp_path, monkeyp
         raise RuntimeError("Error downloading cifar-10-python.tar.gz: no network")
 
     monkeypatch.setattr(CIFAR10, "__init__", offline)
-    with pytest.raises(UserError, match="CIFAR-10 was not found.*download failed: Error downloading"):
+    with pytest.raises(
+        UserError, match="CIFAR-10 was not found.*download failed: Error downloading"
+    ):
         build(make_cfg("data=cifar10", f"data.root={tmp_path}").data, "data")
 
 
@@ -78,7 +94,9 @@ def test_random_crop_shifts_whole_images() -> None:
     assert out.shape == x.shape
     for img, src in zip(out, x, strict=True):  # every output is a window of the zero-padded source
         padded = torch.nn.functional.pad(src, (2, 2, 2, 2))
-        assert any(torch.equal(img, padded[:, i : i + 4, j : j + 4]) for i in range(5) for j in range(5))
+        assert any(
+            torch.equal(img, padded[:, i : i + 4, j : j + 4]) for i in range(5) for j in range(5)
+        )
 
 
 def test_hflip_mirrors_some_images() -> None:
@@ -92,14 +110,28 @@ def test_hflip_mirrors_some_images() -> None:
 def test_loader_normalizes_and_shuffles_deterministically() -> None:
     x = torch.full((10, 1, 2, 2), 255, dtype=torch.uint8)
     y = torch.arange(10)
-    loader = TensorLoader(x, y, batch_size=4, mean=[0.5], std=[0.25], shuffle=True,
-                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+    loader = TensorLoader(
+        x,
+        y,
+        batch_size=4,
+        mean=[0.5],
+        std=[0.25],
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     batches = list(loader)
     assert len(loader) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
     assert torch.allclose(batches[0][0], torch.full((4, 1, 2, 2), 2.0))
     assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(10))
-    again = TensorLoader(x, y, batch_size=4, mean=[0.5], std=[0.25], shuffle=True,
-                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+    again = TensorLoader(
+        x,
+        y,
+        batch_size=4,
+        mean=[0.5],
+        std=[0.25],
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert torch.equal(torch.cat([b[1] for b in again]), torch.cat([b[1] for b in batches]))
 
 

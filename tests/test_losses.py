@@ -15,7 +15,9 @@ def test_cross_entropy_label_smoothing_known_answer() -> None:
     logits, target = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
     p = torch.log_softmax(logits, 1)[0]
     expected = -(0.95 * p[0] + 0.05 * p[1])  # eps=0.1 spread over K=2 classes
-    assert cross_entropy(logits, target, label_smoothing=0.1).item() == pytest.approx(expected.item())
+    assert cross_entropy(logits, target, label_smoothing=0.1).item() == pytest.approx(
+        expected.item()
+    )
 
 
 def test_hinge_matches_the_notes_worked_example() -> None:

@@ -26,7 +26,9 @@ def test_every_model_config_trains_on_every_shape(make_cfg, model: str, data: st
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_lenet_options(make_cfg, activation: str, pool: str) -> None:
-    net = instantiate(make_cfg("model=lenet", f"model.activation={activation}", f"model.pool={pool}").model)
+    net = instantiate(
+        make_cfg("model=lenet", f"model.activation={activation}", f"model.pool={pool}").model
+    )
     assert any(type(m).__name__.lower() == activation for m in net.modules())
     assert any(type(m).__name__.lower().startswith(pool) for m in net.modules())
     assert sum(p.numel() for p in net.parameters()) == 61706  # LeNet-5's 61,706 for 10 classes

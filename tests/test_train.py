@@ -9,7 +9,13 @@ from dlrun import checkpoint
 from dlrun.cli import run
 from dlrun.errors import UserError
 
-QUICK = ("trainer.max_epochs=2", "data.batch_size=50", "trainer.log_every_n_steps=2", "model=lenet", "model.activation=relu")
+QUICK = (
+    "trainer.max_epochs=2",
+    "data.batch_size=50",
+    "trainer.log_every_n_steps=2",
+    "model=lenet",
+    "model.activation=relu",
+)
 TIMING = ("time/", "images_per_s")
 
 
@@ -22,16 +28,39 @@ def test_train_writes_the_run_folder_contract(make_cfg, tmp_path: Path) -> None:
     metrics = run(make_cfg(*QUICK), tmp_path, {"model": "lenet", "data": "mnist"})
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("train/loss", "train/acc", "train/lr", "train/images_per_s", "val/loss", "val/acc",
-                "params", "epoch", "step", "time/train_s"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/acc",
+        "train/lr",
+        "train/images_per_s",
+        "val/loss",
+        "val/acc",
+        "params",
+        "epoch",
+        "step",
+        "time/train_s",
+    ):
         assert key in saved, key
     assert saved["epoch"] == 2 and saved["step"] == 8 and saved["params"] == 61706
     assert saved["val/acc"] > 0.3  # the fixture classes are separable: the loop does learn
     for name in ("last.pt", "best.pt"):
         state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config"} <= set(state)
-    tags = {v.tag for f in tmp_path.glob("events.out.tfevents.*")
-            for e in EventFileLoader(str(f)).Load() for v in e.summary.value}  # fmt: skip
+        assert {
+            "model",
+            "optimizer",
+            "scheduler",
+            "scaler",
+            "rng",
+            "epoch",
+            "step",
+            "config",
+        } <= set(state)
+    tags = {
+        v.tag
+        for f in tmp_path.glob("events.out.tfevents.*")
+        for e in EventFileLoader(str(f)).Load()
+        for v in e.summary.value
+    }
     assert {"train/loss", "val/acc", "train/lr", "train/loss_step", "train/images"} <= tags
     assert {"config/text_summary", "_hparams_/experiment", "_hparams_/session_start_info"} <= tags
 
@@ -71,13 +100,28 @@ def test_eval_mode_scores_a_checkpoint_on_the_test_split(make_cfg, tmp_path: Pat
     trained = run(make_cfg(*QUICK), tmp_path / "train")
     ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
     metrics = run(make_cfg(*QUICK, "mode=eval", f"ckpt={ckpt}"), tmp_path / "eval")
-    assert metrics["test/acc"] == pytest.approx(trained["val/acc"])  # val is the test split by default
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
+    assert metrics["test/acc"] == pytest.approx(
+        trained["val/acc"]
+    )  # val is the test split by default
+    assert (
+        json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"]
+        == metrics["test/acc"]
+    )
 
 
 def test_max_steps_and_hinge_loss_and_penalty(make_cfg, tmp_path: Path) -> None:
-    metrics = run(make_cfg("model=linear", "loss=hinge", "loss.l2=1e-4", "optim=sgd", "sched=cosine",
-                           "trainer.max_steps=3", "data.batch_size=32"), tmp_path)  # fmt: skip
+    metrics = run(
+        make_cfg(
+            "model=linear",
+            "loss=hinge",
+            "loss.l2=1e-4",
+            "optim=sgd",
+            "sched=cosine",
+            "trainer.max_steps=3",
+            "data.batch_size=32",
+        ),
+        tmp_path,
+    )
     assert metrics["step"] == 3 and metrics["epoch"] == 1
 
 

@@ -28,15 +28,21 @@ class LeNet5(nn.Module):
         if size < 1:
             raise ValueError(f"LeNet-5 needs images of at least 14x14 pixels, got {image_size}")
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=pad), act(), pool_layer(2, 2),
-            nn.Conv2d(6, 16, 5), act(), pool_layer(2, 2),
-        )  # fmt: skip
+            nn.Conv2d(in_channels, 6, 5, padding=pad),
+            act(),
+            pool_layer(2, 2),
+            nn.Conv2d(6, 16, 5),
+            act(),
+            pool_layer(2, 2),
+        )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * size * size, 120), act(),
-            nn.Linear(120, 84), act(),
+            nn.Linear(16 * size * size, 120),
+            act(),
+            nn.Linear(120, 84),
+            act(),
             nn.Linear(84, num_classes),
-        )  # fmt: skip
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, 28|32, 28|32) -> (B, K)
         return self.classifier(self.features(x))

@@ -10,7 +10,9 @@ from dlrun.models.layers import ACTIVATIONS, choose
 class Linear(nn.Module):
     """s = W x + b on the flattened image: the softmax / SVM linear classifier."""
 
-    def __init__(self, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
+    def __init__(
+        self, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(in_channels * image_size * image_size, num_classes)
 

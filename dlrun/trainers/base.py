@@ -49,10 +49,17 @@ class Trainer:
         progress: bool | None = None,
     ) -> None:
         if precision not in DTYPES:
-            raise UserError(f"trainer.precision must be one of {', '.join(DTYPES)}, got '{precision}'.")
+            raise UserError(
+                f"trainer.precision must be one of {', '.join(DTYPES)}, got '{precision}'."
+            )
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
-        self.device, self.data, self.config, self.hparams = device, data, dict(run_config), dict(hparams)
+        self.device, self.data, self.config, self.hparams = (
+            device,
+            data,
+            dict(run_config),
+            dict(hparams),
+        )
         self.run_dir = Path(run_dir)
         self.model = model.to(device)
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -103,7 +110,9 @@ class Trainer:
         last = self.run_dir / "checkpoints" / "last.pt"
         if resume:
             self._restore(last)
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step_count if resume else None)
+        self.writer = SummaryWriter(
+            str(self.run_dir), purge_step=self.step_count if resume else None
+        )
         if not resume:
             log_config(self.writer, OmegaConf.to_yaml(self.config))
             log_hparams(self.writer, self.hparams, [self.monitor, "val/loss"])
@@ -125,9 +134,12 @@ class Trainer:
     def _batches(self) -> Iterator[Any]:
         loader = self.data.train_loader()
         bar = tqdm(
-            loader, total=len(loader), desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
-            disable=(not self.progress) if self.progress is not None else None, leave=False,
-        )  # fmt: skip
+            loader,
+            total=len(loader),
+            desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
+            disable=(not self.progress) if self.progress is not None else None,
+            leave=False,
+        )
         self._bar = bar
         yield from bar
 
@@ -150,7 +162,9 @@ class Trainer:
                 means = {k: v.item() / window_seen for k, v in window.items()}
                 for k, v in means.items():
                     self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
-                self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step_count)
+                self.writer.add_scalar(
+                    "train/lr", self.optimizer.param_groups[0]["lr"], self.step_count
+                )
                 rate = seen / (time.perf_counter() - start)
                 self._bar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
                 window, window_seen = {}, 0
@@ -177,7 +191,9 @@ class Trainer:
             self.writer.add_scalar(tag, value, self.step_count)
         self.metrics.update(metrics)
         if any(k.startswith("val/") for k in metrics):
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items() if "/" in k and "_s" not in k)
+            shown = ", ".join(
+                f"{k}={v:.4f}" for k, v in self.metrics.items() if "/" in k and "_s" not in k
+            )
             log.info("epoch %d step %d: %s", self.epoch, self.step_count, shown)
 
     # ----- checkpoints and metrics ----------------------------------------------------------------
@@ -218,13 +234,21 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"], self.data.generator)
         self.epoch, self.step_count = state["epoch"], state["step"]
-        self.train_time, self.metrics, self.best = state["train_time"], state["metrics"], state["best"]
+        self.train_time, self.metrics, self.best = (
+            state["train_time"],
+            state["metrics"],
+            state["best"],
+        )
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_count)
 
     def write_metrics(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
         """metrics.json: the last value of every logged scalar, plus params, epoch, step, train time."""
         out = dict(self.metrics) | dict(extra or {})
-        out |= {"params": self.params, "epoch": self.epoch, "step": self.step_count,
-                "time/train_s": self.train_time}  # fmt: skip
+        out |= {
+            "params": self.params,
+            "epoch": self.epoch,
+            "step": self.step_count,
+            "time/train_s": self.train_time,
+        }
         (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
         return out
