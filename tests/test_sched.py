@@ -8,10 +8,11 @@ def lrs(build, steps: int, lr: float = 1.0, **kwargs) -> list[float]:
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     s = build(opt, total_steps=steps, steps_per_epoch=10, **kwargs)
     out = []
-    for _ in range(steps):
+    for i in range(steps):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
-        s.step()
+        if i + 1 < steps:  # as the trainer does: no scheduler step after the last batch
+            s.step()
     return out
 
 

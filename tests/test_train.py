@@ -140,3 +140,25 @@ def test_checkpoint_that_does_not_fit_is_a_user_error(make_cfg, tmp_path: Path) 
 def test_resume_without_a_checkpoint_is_a_user_error(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="resume=true found no checkpoint.*hydra.run.dir="):
         run(make_cfg(*QUICK, "resume=true"), tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(make_cfg, tmp_path: Path, precision: str) -> None:
+    metrics = run(
+        make_cfg(*QUICK, f"trainer.precision={precision}", "trainer.max_steps=3"), tmp_path
+    )
+    assert metrics["step"] == 3 and metrics["val/loss"] == metrics["val/loss"]  # not NaN
+    scaler = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # a grad scaler only where fp16 needs one
+
+
+def test_compiled_run_checkpoint_loads_into_a_plain_model(make_cfg, tmp_path: Path) -> None:
+    run(
+        make_cfg(
+            "model=linear", "trainer.compile=true", "trainer.max_steps=2", "data.batch_size=100"
+        ),
+        tmp_path / "compiled",
+    )
+    ckpt = tmp_path / "compiled" / "checkpoints" / "last.pt"
+    metrics = run(make_cfg("model=linear", "mode=eval", f"ckpt={ckpt}"), tmp_path / "plain")
+    assert 0 <= metrics["test/acc"] <= 1

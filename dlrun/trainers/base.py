@@ -103,7 +103,9 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        # Not after the very last step: the schedule ends there, and one-cycle would extrapolate.
+        if self.step_count + 1 < self.max_steps:
+            self.scheduler.step()
 
     # ----- the loop -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
