@@ -81,14 +81,11 @@ def run(
         raise UserError(
             "mode=eval needs ckpt=PATH, the checkpoint to evaluate (e.g. <run>/checkpoints/best.pt)."
         )
-    missing = sorted(
-        k
-        for k in OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)["data"]
-        if OmegaConf.is_missing(cfg.data, k)
-    )
+    missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
     if missing:
+        data = (choices or {}).get("data") or cfg.data.get("name")
         raise UserError(
-            f"data.{missing[0]} must be set for data={(choices or {}).get('data')}, e.g. data.{missing[0]}=PATH."
+            f"data.{missing[0]} must be set for data={data}, e.g. data.{missing[0]}=PATH."
         )
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
