@@ -6,7 +6,7 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from dlrun import checkpoint
-from dlrun.cli import run
+from dlrun.cli import CONFIG_DIR, run
 from dlrun.errors import UserError
 
 QUICK = (
@@ -162,3 +162,28 @@ def test_compiled_run_checkpoint_loads_into_a_plain_model(make_cfg, tmp_path: Pa
     ckpt = tmp_path / "compiled" / "checkpoints" / "last.pt"
     metrics = run(make_cfg("model=linear", "mode=eval", f"ckpt={ckpt}"), tmp_path / "plain")
     assert 0 <= metrics["test/acc"] <= 1
+
+
+def test_ddp_wrapped_model_checkpoints_like_a_plain_one(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert list(ddp.state_dict())[0].startswith("module.")
+        assert checkpoint.unwrap(ddp).state_dict().keys() == model.state_dict().keys()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+)
+def test_every_experiment_runs_two_steps(make_cfg, tmp_path: Path, experiment: str) -> None:
+    metrics = run(
+        make_cfg(f"experiment={experiment}", "trainer.max_steps=2", "data.batch_size=32"), tmp_path
+    )
+    assert metrics["step"] == 2
