@@ -34,6 +34,8 @@ def test_cifar_png_folder_is_detected_and_decoded_once(make_cfg, tmp_path, monke
     cfg = make_cfg("data=cifar10", f"data.root={root}")
     first = instantiate(cfg.data)
     assert first.train_x.shape == (30, 3, 32, 32) and first.classes[0] == "airplane"
+    labels = first.train_y.tolist()
+    assert labels != sorted(labels)  # stored in a fixed mixed order, not class after class
     calls = []
     monkeypatch.setattr(folder, "_decode", lambda *a: calls.append(a))
     second = instantiate(cfg.data)  # a second run: read from the cache, no PNG decoding
