@@ -113,14 +113,16 @@ def run(
         run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
     )
-    if cfg.ckpt and not cfg.resume:
+    if cfg.mode == "eval":
         state = checkpoint.load(cfg.ckpt)
         checkpoint.load_model_state(model, state, cfg.ckpt)
-        if cfg.mode == "eval":
-            trainer.epoch, trainer.step_count = state.get("epoch", 0), state.get("step", 0)
-            metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
-            log.info("test/acc=%.4f test/loss=%.4f", metrics["test/acc"], metrics["test/loss"])
-            return metrics
+        trainer.epoch, trainer.step_count = state.get("epoch", 0), state.get("step", 0)
+        trainer.train_time = state.get("train_time", 0.0)
+        metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
+        log.info("test/acc=%.4f test/loss=%.4f", metrics["test/acc"], metrics["test/loss"])
+        return metrics
+    if cfg.ckpt and not cfg.resume:  # start training from a checkpoint's weights
+        checkpoint.load_model_state(model, checkpoint.load(cfg.ckpt), cfg.ckpt)
     metrics = trainer.fit(resume=bool(cfg.resume))
     log.info(
         "done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
