@@ -61,7 +61,9 @@ class ClassificationData:
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError(f"data.batch_size must be a positive integer, got {batch_size}.")
         if not 0 <= val_split:
-            raise UserError(f"data.val_split must be >= 0 (a fraction < 1 or a count), got {val_split}.")
+            raise UserError(
+                f"data.val_split must be >= 0 (a fraction < 1 or a count), got {val_split}."
+            )
         self.name, self.root = name, Path(root).expanduser()
         self.channels, self.image_size, self.mean, self.std = channels, image_size, mean, std
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -95,8 +97,15 @@ class ClassificationData:
         self.generator: torch.Generator | None = None
         log.info(
             "data %s: %d train, %d val (%s split), %d test images of %dx%dx%d, %d classes",
-            name, len(train_x), len(self.val_x), self.val_name, len(self.test_x),
-            channels, image_size, image_size, self.num_classes,
+            name,
+            len(train_x),
+            len(self.val_x),
+            self.val_name,
+            len(self.test_x),
+            channels,
+            image_size,
+            image_size,
+            self.num_classes,
         )
 
     def setup(self, device: torch.device, seed: int) -> None:
@@ -107,9 +116,15 @@ class ClassificationData:
 
     def _loader(self, x: Tensor, y: Tensor, train: bool) -> TensorLoader:
         return TensorLoader(
-            x, y, batch_size=self.batch_size if train else self.eval_batch_size,
-            mean=self.mean, std=self.std, shuffle=train, generator=self.generator,
-            crop_padding=self.crop_padding if train else 0, hflip=self.hflip and train,
+            x,
+            y,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            mean=self.mean,
+            std=self.std,
+            shuffle=train,
+            generator=self.generator,
+            crop_padding=self.crop_padding if train else 0,
+            hflip=self.hflip and train,
         )
 
     def train_loader(self) -> TensorLoader:

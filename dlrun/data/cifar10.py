@@ -39,11 +39,18 @@ def load(
     if (root / BATCHES / "test_batch").is_file():
         return _read_pickles(root / BATCHES)
     if (root / "cifar10" / "train").is_dir():
-        return folder.load(root, False, folder="cifar10", channels=3, image_size=32,
-                           cache_dir=cache_dir, workers=workers)
+        return folder.load(
+            root,
+            False,
+            folder="cifar10",
+            channels=3,
+            image_size=32,
+            cache_dir=cache_dir,
+            workers=workers,
+        )
     looked = [root / BATCHES, root / "cifar10" / "train"]
     fix = (
-        "download it on a machine with a network (python -c \"import torchvision; "
+        'download it on a machine with a network (python -c "import torchvision; '
         "torchvision.datasets.CIFAR10('data', download=True)\") and copy data/cifar-10-batches-py/ "
         f"to {root / BATCHES}/, or copy an image-folder copy to {root / 'cifar10'}/{{train,test}}/<class>/"
     )

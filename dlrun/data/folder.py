@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 
 from dlrun.data.base import Splits, missing_data
 
@@ -53,11 +53,15 @@ def read_split(
     classes, files = list_images(split_dir)
     if not files:
         raise missing_data(
-            f"image folder {split_dir}", [split_dir], "put the images in <split>/<class>/ sub-folders"
+            f"image folder {split_dir}",
+            [split_dir],
+            "put the images in <split>/<class>/ sub-folders",
         )
     cache = None
     if cache_dir is not None:
-        cache = cache_dir / f"{split_dir.name}-{_cache_key(split_dir, files, channels, image_size)}.pt"
+        cache = (
+            cache_dir / f"{split_dir.name}-{_cache_key(split_dir, files, channels, image_size)}.pt"
+        )
         if cache.is_file():
             saved = torch.load(cache, weights_only=True)
             return saved["x"], saved["y"], classes
@@ -91,7 +95,8 @@ def load(
     test_dir = next((base / s for s in ("val", "test") if (base / s).is_dir()), None)
     if not (base / "train").is_dir() or test_dir is None:
         raise missing_data(
-            f"image folder {base}", [base / "train", base / "val", base / "test"],
+            f"image folder {base}",
+            [base / "train", base / "val", base / "test"],
             f"arrange the images as {base}/train/<class>/* and {base}/val/<class>/* (or test/)",
         )
     cache = Path(cache_dir).expanduser() / "folders" if cache_dir else None
@@ -99,7 +104,8 @@ def load(
     vx, vy, test_classes = read_split(test_dir, channels, image_size, cache, workers)
     if test_classes != classes:
         raise missing_data(
-            f"image folder {base}", [test_dir],
+            f"image folder {base}",
+            [test_dir],
             f"give {test_dir.name}/ the same class folders as train/ ({len(classes)} of them)",
         )
     return Splits(tx, ty, vx, vy, classes)

@@ -19,9 +19,11 @@ def load(root: Path, download: bool, *, name: str = "MNIST") -> Splits:
     except (RuntimeError, URLError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if download else ""
         fix = (
-            f"download it on a machine with a network (python -c \"import torchvision; "
+            f'download it on a machine with a network (python -c "import torchvision; '
             f"torchvision.datasets.{name}('data', download=True)\") and copy data/{name}/raw/ "
             f"to {root / name / 'raw'}/, or set data.download=true on a machine with a network"
         )
         raise missing_data(name, [root / name / "raw"], fix, reason) from err
-    return Splits(train.data[:, None], train.targets, test.data[:, None], test.targets, list(train.classes))
+    return Splits(
+        train.data[:, None], train.targets, test.data[:, None], test.targets, list(train.classes)
+    )

@@ -64,7 +64,11 @@ class TensorLoader:
         if self.shuffle:
             order = torch.randperm(n, device=self.x.device, generator=self.generator)
         for start in range(0, n, self.batch_size):
-            idx = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+            idx = (
+                slice(start, start + self.batch_size)
+                if order is None
+                else order[start : start + self.batch_size]
+            )
             xb, yb = self.x[idx], self.y[idx]
             if self.crop_padding:
                 xb = random_crop(xb, self.crop_padding, self.generator)
