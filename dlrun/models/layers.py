@@ -15,3 +15,41 @@ def choose(table: dict[str, type[nn.Module]], name: str, what: str) -> type[nn.M
     if name not in table:
         raise ValueError(f"unknown {what} '{name}'; choose one of: {', '.join(table)}")
     return table[name]
+
+
+def init_weights(model: nn.Module, scheme: str = "default") -> None:
+    """The notes' initialisations for conv and linear weights (biases to zero).
+
+    `default` keeps what the constructor did (PyTorch's or the family's own init); `xavier` is
+    Glorot uniform, `kaiming` He normal (fan_out, for ReLU nets), `normal` N(0, 0.01).
+    """
+    if scheme == "default":
+        return
+    init = {
+        "xavier": nn.init.xavier_uniform_,
+        "kaiming": lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
+        "normal": lambda w: nn.init.normal_(w, 0.0, 0.01),
+    }
+    if scheme not in init:
+        raise ValueError(f"unknown init '{scheme}'; choose one of: default, {', '.join(init)}")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.ConvTranspose2d):
+            init[scheme](m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def resolve_variant(variant: str, image_size: int) -> str:
+    """`auto` picks the small-image variant below 128 px (MNIST, CIFAR) and the original above."""
+    if variant == "auto":
+        return "imagenet" if image_size >= 128 else "cifar"
+    if variant not in ("cifar", "imagenet"):
+        raise ValueError(f"unknown variant '{variant}'; choose one of: auto, cifar, imagenet")
+    return variant
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round channels to a multiple of `divisor`, never below 90% of `value` (MobileNet's rule)."""
+    min_value = min_value or divisor
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
