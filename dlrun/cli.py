@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dlrun import checkpoint
+from dlrun import checkpoint, transfer
 from dlrun.errors import UserError
 
 log = logging.getLogger("dlrun")
@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+def build(node: DictConfig | dict, what: str, **kwargs: Any) -> Any:
     """instantiate(), with a failing constructor reported as a user error naming the config group."""
     try:
         return instantiate(node, **kwargs)
@@ -100,7 +100,13 @@ def run(
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.num_classes
     data.setup(device, cfg.seed)
-    model = build(cfg.model, "model")
+    # `freeze` is a training choice, not a constructor argument: take it out before building.
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    freeze = model_cfg.pop("freeze", None)
+    model = build(OmegaConf.create(model_cfg), "model")
+    if cfg.ckpt and cfg.mode == "train" and not cfg.resume:  # start from a checkpoint's weights
+        transfer.load_weights(model, transfer.read_weights(cfg.ckpt), cfg.ckpt)
+    transfer.freeze(model, freeze)
     # Partial first, then call: instantiate() would copy these live objects into the config.
     trainer = build(cfg.trainer, "trainer", _partial_=True)(
         model=model,
@@ -121,8 +127,6 @@ def run(
         metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
         log.info("test/acc=%.4f test/loss=%.4f", metrics["test/acc"], metrics["test/loss"])
         return metrics
-    if cfg.ckpt and not cfg.resume:  # start training from a checkpoint's weights
-        checkpoint.load_model_state(model, checkpoint.load(cfg.ckpt), cfg.ckpt)
     metrics = trainer.fit(resume=bool(cfg.resume))
     log.info(
         "done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/"))

@@ -35,7 +35,7 @@ class LeNet5(nn.Module):
             act(),
             pool_layer(2, 2),
         )
-        self.classifier = nn.Sequential(
+        self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(16 * size * size, 120),
             act(),
@@ -45,4 +45,4 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, 28|32, 28|32) -> (B, K)
-        return self.classifier(self.features(x))
+        return self.head(self.features(x))

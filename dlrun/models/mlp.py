@@ -14,10 +14,11 @@ class Linear(nn.Module):
         self, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10
     ) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_channels * image_size * image_size, num_classes)
+        self.features = nn.Flatten()
+        self.head = nn.Linear(in_channels * image_size * image_size, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, K)
-        return self.fc(x.flatten(1))
+        return self.head(self.features(x))
 
 
 class MLP(nn.Module):
@@ -42,8 +43,8 @@ class MLP(nn.Module):
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = h
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, 28, 28) -> (B, 10)
-        return self.net(x)
+        return self.head(self.features(x))

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dlrun import checkpoint
+from dlrun import checkpoint, introspect
 from dlrun.errors import UserError
 from dlrun.tb import HParam, log_config, log_hparams
 
@@ -62,13 +62,18 @@ class Trainer:
         )
         self.run_dir = Path(run_dir)
         self.model = model.to(device)
-        self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.optimizer = optim(params=[p for p in self.model.parameters() if p.requires_grad])
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = sum(p.numel() for p in trainable)
+        self.flops = introspect.count_flops(self.model, tuple(data.val_x.shape[1:]), device)
         self.steps_per_epoch = len(data.train_loader())
         self.max_steps = max_steps or max_epochs * self.steps_per_epoch
         self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
-        self.scheduler = sched(
-            self.optimizer, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch
+        # A model with nothing to train (k-NN) has no optimizer and no schedule.
+        self.optimizer = optim(params=trainable) if trainable else None
+        self.scheduler = (
+            sched(self.optimizer, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch)
+            if self.optimizer
+            else None
         )
         self.dtype = DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -109,29 +114,48 @@ class Trainer:
 
     # ----- the loop -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
-        last = self.run_dir / "checkpoints" / "last.pt"
         if resume:
-            self._restore(last)
-        self.writer = SummaryWriter(
-            str(self.run_dir), purge_step=self.step_count if resume else None
-        )
-        if not resume:
-            log_config(self.writer, OmegaConf.to_yaml(self.config))
-            log_hparams(self.writer, self.hparams, [self.monitor, "val/loss"])
-            self.log_start(self.writer)
-        log.info("%s: %d trainable parameters", type(self.model).__name__, self.params)
+            self._restore(self.run_dir / "checkpoints" / "last.pt")
+        self._open_writer(resume)
         while self.epoch < self.max_epochs and self.step_count < self.max_steps:
             self._train_epoch()
             self.epoch += 1
             self._log(self.evaluate(self.data.val_loader(), "val"))
-            checkpoint.save(last, self._state())
-            score = self.metrics.get(self.monitor)
-            if score is not None and (self.best is None or score > self.best):
-                self.best = score
-                shutil.copyfile(last, last.with_name(".best.tmp"))
-                (last.with_name(".best.tmp")).replace(last.with_name("best.pt"))
+            self._save_checkpoints()
+        self.log_end(self.writer)
         self.writer.close()
         return self.write_metrics()
+
+    def _open_writer(self, resume: bool) -> None:
+        # purge_step drops events a killed run logged after its last checkpoint.
+        self.writer = SummaryWriter(
+            str(self.run_dir), purge_step=self.step_count if resume else None
+        )
+        log.info(
+            "%s: %d trainable parameters, %s forward FLOPs per image",
+            type(checkpoint.unwrap(self.model)).__name__,
+            self.params,
+            f"{self.flops:,}",
+        )
+        if not resume:
+            log_config(self.writer, OmegaConf.to_yaml(self.config))
+            log_hparams(self.writer, self.hparams, [self.monitor, "val/loss"])
+            self.writer.add_scalar("model/params", self.params, 0)
+            self.writer.add_scalar("model/flops", self.flops, 0)
+            self.log_start(self.writer)
+
+    def _save_checkpoints(self) -> None:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        checkpoint.save(last, self._state())
+        score = self.metrics.get(self.monitor)
+        if score is not None and (self.best is None or score > self.best):
+            self.best = score
+            tmp = last.with_name(".best.tmp")
+            shutil.copyfile(last, tmp)
+            tmp.replace(last.with_name("best.pt"))
+
+    def log_end(self, writer: SummaryWriter) -> None:
+        """Anything a task logs once when training ends (e.g. what the network learned to see)."""
 
     def _batches(self) -> Iterator[Any]:
         loader = self.data.train_loader()
@@ -202,8 +226,8 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "model": checkpoint.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(self.data.generator),
             "epoch": self.epoch,
@@ -248,6 +272,7 @@ class Trainer:
         out = dict(self.metrics) | dict(extra or {})
         out |= {
             "params": self.params,
+            "flops": self.flops,
             "epoch": self.epoch,
             "step": self.step_count,
             "time/train_s": self.train_time,

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from dlrun import introspect
 from dlrun.losses import Objective
 from dlrun.trainers.base import Trainer
 
@@ -17,13 +18,17 @@ class ClassificationTrainer(Trainer):
     def __init__(self, *, loss: Objective, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.loss = loss
+        self.aux_weight = float(getattr(self.model, "aux_weight", 0.0))
 
     def step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         x, y = batch
         with self.autocast():
-            logits = self.forward_model(x)  # (B, K)
+            out = self.forward_model(x)  # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
+            logits, *aux = out if isinstance(out, tuple) else (out,)
             loss = self.loss(logits, y)
         total = loss + self.loss.penalty(self.model)
+        if aux:  # the auxiliary classifiers' losses, weighted as the model says (0.3 in the paper)
+            total = total + self.aux_weight * sum(self.loss(a, y) for a in aux)
         self.optimize(total)
         # Sums, not means: the loop divides by the number of images once per epoch.
         return {"loss": loss.detach() * len(y), "acc": (logits.argmax(1) == y).sum()}
@@ -46,3 +51,18 @@ class ClassificationTrainer(Trainer):
         # The stored uint8 images, not a loader batch: drawing one would advance the data RNG.
         images = self.data.train_x[:32].float() / 255
         writer.add_image("train/images", make_grid(images, nrow=8), 0)
+        self.log_inside(writer)
+
+    def log_end(self, writer: SummaryWriter) -> None:
+        self.log_inside(writer)
+
+    def log_inside(self, writer: SummaryWriter) -> None:
+        """The notes' "what the network sees": first-layer filters, feature maps of one image."""
+        filters = introspect.first_conv_filters(self.model)
+        if filters is not None:
+            writer.add_image("inside/filters", filters, self.step_count)
+        image = self.data.train_loader().normalize(self.data.val_x[:1])[0]
+        for name, fmap in introspect.stage_outputs(self.model, image):
+            writer.add_image(
+                f"inside/features_{name}", introspect.feature_grid(fmap), self.step_count
+            )

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from dlrun.cli import run
+from dlrun.errors import UserError
+from tests.fixtures import write_png_folder
+
+LENET = ("model=lenet", "model.activation=relu", "data.batch_size=50", "trainer.max_epochs=1")
+
+
+@pytest.fixture
+def lenet_ckpt(make_cfg, tmp_path):
+    run(make_cfg(*LENET), tmp_path / "pre")
+    return tmp_path / "pre" / "checkpoints" / "last.pt"
+
+
+def folder_data(tmp_path) -> tuple[str, ...]:
+    root = write_png_folder(
+        tmp_path / "three", ("train", "val"), n=30, size=28, classes=["a", "b", "c"]
+    )
+    return ("data=imagefolder", f"data.root={root}", "data.channels=1", "data.image_size=28",
+            "data.mean=[0.5]", "data.std=[0.5]", "data.batch_size=10")  # fmt: skip
+
+
+def weights(path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_new_class_count_replaces_the_head_and_keeps_the_rest(
+    make_cfg, tmp_path, lenet_ckpt
+) -> None:
+    cfg = make_cfg(*LENET, *folder_data(tmp_path), f"ckpt={lenet_ckpt}", "trainer.max_steps=1",
+                   "optim.lr=0")  # fmt: skip
+    run(cfg, tmp_path / "new")
+    before, after = weights(lenet_ckpt), weights(tmp_path / "new" / "checkpoints" / "last.pt")
+    assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    assert after["head.5.weight"].shape == (3, 84) and before["head.5.weight"].shape == (10, 84)
+
+
+def test_freeze_backbone_trains_only_the_head(make_cfg, tmp_path, lenet_ckpt) -> None:
+    metrics = run(make_cfg(*LENET, *folder_data(tmp_path), f"ckpt={lenet_ckpt}", "+model.freeze=backbone"),
+                  tmp_path / "frozen")  # fmt: skip
+    after = weights(tmp_path / "frozen" / "checkpoints" / "last.pt")
+    before = weights(lenet_ckpt)
+    for key in before:
+        if key.startswith("features."):
+            assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+    assert metrics["params"] == 16 * 5 * 5 * 120 + 120 + 120 * 84 + 84 + 84 * 3 + 3
+
+
+def test_freeze_a_number_of_stages(make_cfg, tmp_path) -> None:
+    metrics = run(make_cfg(*LENET, "+model.freeze=1"), tmp_path)
+    assert metrics["params"] == 61706 - (6 * 25 + 6)  # the first conv is frozen
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("99", "model.freeze=99 is not a choice"),
+    ("legs", "model.freeze='legs' is not a choice"),
+])  # fmt: skip
+def test_bad_freeze_is_a_user_error(make_cfg, tmp_path, spec, message) -> None:
+    with pytest.raises(UserError, match=message):
+        run(make_cfg(*LENET, f"+model.freeze={spec}"), tmp_path)
+
+
+def test_checkpoint_of_another_network_is_a_user_error(make_cfg, tmp_path, lenet_ckpt) -> None:
+    with pytest.raises(
+        UserError, match="does not fit this model: it holds 10 tensors, this model 4"
+    ):
+        run(make_cfg("model=mlp", f"ckpt={lenet_ckpt}"), tmp_path / "mlp")
+
+
+def test_torchvision_weights_missing_locally_is_a_user_error(
+    make_cfg, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match="not available locally.*resnet18-f37072fd.pth"):
+        run(make_cfg(*LENET, "ckpt=torchvision:ResNet18_Weights.IMAGENET1K_V1"), tmp_path / "tv")
+    with pytest.raises(UserError, match="is not a torchvision weights enum"):
+        run(make_cfg(*LENET, "ckpt=torchvision:NoSuchWeights.X"), tmp_path / "tv2")
