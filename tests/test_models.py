@@ -45,3 +45,18 @@ def test_mlp_is_the_notes_784_128_10_net(make_cfg) -> None:
 def test_unknown_activation_is_refused(make_cfg) -> None:
     with pytest.raises(Exception, match="unknown activation 'gelu'.*sigmoid, tanh, relu"):
         instantiate(make_cfg("model=mlp", "model.activation=gelu").model)
+
+
+@pytest.mark.parametrize("scheme", ["xavier", "kaiming", "normal"])
+def test_init_schemes(make_cfg, scheme: str) -> None:
+    torch.manual_seed(0)
+    net = instantiate(make_cfg("model=mlp", f"model.init={scheme}", "model.hidden=[512]").model)
+    w = net.features[1].weight  # (512, 784)
+    expected = {"xavier": (2 / (784 + 512)) ** 0.5, "kaiming": (2 / 512) ** 0.5, "normal": 0.01}
+    assert w.std().item() == pytest.approx(expected[scheme], rel=0.05)
+    assert net.features[1].bias.abs().sum() == 0
+
+
+def test_unknown_init_is_refused(make_cfg) -> None:
+    with pytest.raises(Exception, match="unknown init 'he'"):
+        instantiate(make_cfg("model=lenet", "model.init=he").model)

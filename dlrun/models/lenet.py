@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from dlrun.models.layers import ACTIVATIONS, POOLS, choose
+from dlrun.models.layers import ACTIVATIONS, POOLS, choose, init_weights
 
 
 class LeNet5(nn.Module):
@@ -20,6 +20,7 @@ class LeNet5(nn.Module):
         num_classes: int = 10,
         activation: str = "sigmoid",
         pool: str = "avg",
+        init: str = "default",
     ) -> None:
         super().__init__()
         act, pool_layer = choose(ACTIVATIONS, activation, "activation"), choose(POOLS, pool, "pool")
@@ -43,6 +44,7 @@ class LeNet5(nn.Module):
             act(),
             nn.Linear(84, num_classes),
         )
+        init_weights(self, init)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, 28|32, 28|32) -> (B, K)
         return self.head(self.features(x))

@@ -4,18 +4,24 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from dlrun.models.layers import ACTIVATIONS, choose
+from dlrun.models.layers import ACTIVATIONS, choose, init_weights
 
 
 class Linear(nn.Module):
     """s = W x + b on the flattened image: the softmax / SVM linear classifier."""
 
     def __init__(
-        self, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10
+        self,
+        *,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        init: str = "default",
     ) -> None:
         super().__init__()
         self.features = nn.Flatten()
         self.head = nn.Linear(in_channels * image_size * image_size, num_classes)
+        init_weights(self, init)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, K)
         return self.head(self.features(x))
@@ -33,6 +39,7 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (128,),
         activation: str = "relu",
         dropout: float = 0.0,
+        init: str = "default",
     ) -> None:
         super().__init__()
         act = choose(ACTIVATIONS, activation, "activation")
@@ -45,6 +52,7 @@ class MLP(nn.Module):
             width = h
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
+        init_weights(self, init)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, 28, 28) -> (B, 10)
         return self.head(self.features(x))
