@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlrun import checkpoint, transfer
 from dlrun.errors import UserError
+from dlrun.models import model_kwargs
 
 log = logging.getLogger("dlrun")
 MODES = ("train", "eval")
@@ -100,13 +101,11 @@ def run(
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.num_classes
     data.setup(device, cfg.seed)
-    # `freeze` is a training choice, not a constructor argument: take it out before building.
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    freeze = model_cfg.pop("freeze", None)
-    model = build(OmegaConf.create(model_cfg), "model")
+    # model.freeze is a training choice, not a constructor argument: model_kwargs leaves it out.
+    model = build(model_kwargs(cfg.model), "model")
     if cfg.ckpt and cfg.mode == "train" and not cfg.resume:  # start from a checkpoint's weights
         transfer.load_weights(model, transfer.read_weights(cfg.ckpt), cfg.ckpt)
-    transfer.freeze(model, freeze)
+    transfer.freeze(model, cfg.model.get("freeze"))
     # Partial first, then call: instantiate() would copy these live objects into the config.
     trainer = build(cfg.trainer, "trainer", _partial_=True)(
         model=model,

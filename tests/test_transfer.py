@@ -38,7 +38,7 @@ def test_new_class_count_replaces_the_head_and_keeps_the_rest(
 
 
 def test_freeze_backbone_trains_only_the_head(make_cfg, tmp_path, lenet_ckpt) -> None:
-    metrics = run(make_cfg(*LENET, *folder_data(tmp_path), f"ckpt={lenet_ckpt}", "+model.freeze=backbone"),
+    metrics = run(make_cfg(*LENET, *folder_data(tmp_path), f"ckpt={lenet_ckpt}", "model.freeze=backbone"),
                   tmp_path / "frozen")  # fmt: skip
     after = weights(tmp_path / "frozen" / "checkpoints" / "last.pt")
     before = weights(lenet_ckpt)
@@ -50,7 +50,7 @@ def test_freeze_backbone_trains_only_the_head(make_cfg, tmp_path, lenet_ckpt) ->
 
 
 def test_freeze_a_number_of_stages(make_cfg, tmp_path) -> None:
-    metrics = run(make_cfg(*LENET, "+model.freeze=1"), tmp_path)
+    metrics = run(make_cfg(*LENET, "model.freeze=1"), tmp_path)
     assert metrics["params"] == 61706 - (6 * 25 + 6)  # the first conv is frozen
 
 
@@ -60,7 +60,7 @@ def test_freeze_a_number_of_stages(make_cfg, tmp_path) -> None:
 ])  # fmt: skip
 def test_bad_freeze_is_a_user_error(make_cfg, tmp_path, spec, message) -> None:
     with pytest.raises(UserError, match=message):
-        run(make_cfg(*LENET, f"+model.freeze={spec}"), tmp_path)
+        run(make_cfg(*LENET, f"model.freeze={spec}"), tmp_path)
 
 
 def test_checkpoint_of_another_network_is_a_user_error(make_cfg, tmp_path, lenet_ckpt) -> None:
