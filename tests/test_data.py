@@ -66,6 +66,8 @@ def test_train_subset_and_val_split(make_cfg) -> None:
     assert len(d.train_x) == 80 and len(d.val_x) == 20 and len(d.test_x) == 100
     again = instantiate(make_cfg("data.train_subset=100", "data.val_split=0.2", "seed=5").data)
     assert torch.equal(d.val_x, again.val_x)  # the held-out images do not depend on the run seed
+    quick = instantiate(make_cfg("data.eval_subset=30").data)
+    assert len(quick.val_x) == 30 and len(quick.test_x) == 30 and len(quick.train_x) == 200
 
 
 def test_missing_data_offline_explains_the_fix(make_cfg, tmp_path) -> None:

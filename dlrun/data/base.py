@@ -53,6 +53,7 @@ class ClassificationData:
         batch_size: int = 128,
         eval_batch_size: int = 1000,
         train_subset: int | None = None,
+        eval_subset: int | None = None,
         val_split: float = 0.0,
         crop_padding: int = 0,
         hflip: bool = False,
@@ -94,6 +95,9 @@ class ClassificationData:
             self.val_name = "held-out train"
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = splits.test_x, splits.test_y
+        if eval_subset is not None:  # quick looks on slow machines: the first N evaluation images
+            self.val_x, self.val_y = self.val_x[:eval_subset], self.val_y[:eval_subset]
+            self.test_x, self.test_y = self.test_x[:eval_subset], self.test_y[:eval_subset]
         self.generator: torch.Generator | None = None
         log.info(
             "data %s: %d train, %d val (%s split), %d test images of %dx%dx%d, %d classes",
