@@ -78,3 +78,28 @@ def test_torchvision_weights_missing_locally_is_a_user_error(
         run(make_cfg(*LENET, "ckpt=torchvision:ResNet18_Weights.IMAGENET1K_V1"), tmp_path / "tv")
     with pytest.raises(UserError, match="is not a torchvision weights enum"):
         run(make_cfg(*LENET, "ckpt=torchvision:NoSuchWeights.X"), tmp_path / "tv2")
+
+
+def test_torchvision_weights_file_loads_by_position(make_cfg, tmp_path) -> None:
+    import torchvision
+
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    cfg = make_cfg(
+        "model=resnet18",
+        "model.variant=imagenet",
+        "data=cifar10",
+        f"ckpt={tmp_path / 'resnet18.pth'}",
+        "trainer.max_steps=1",
+        "optim.lr=0",
+        "data.batch_size=10",
+        "data.eval_subset=10",
+    )
+    run(cfg, tmp_path / "run")
+    ours = weights(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert torch.equal(ours["features.stem.conv1.weight"], tv.conv1.weight)
+    assert torch.equal(ours["features.layer4.1.conv2.weight"], tv.layer4[1].conv2.weight)
+    assert ours["head.2.weight"].shape == (
+        10,
+        512,
+    )  # ImageNet's 1000-way fc replaced for 10 classes
