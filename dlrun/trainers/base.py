@@ -54,12 +54,8 @@ class Trainer:
             )
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
-        self.device, self.data, self.config, self.hparams = (
-            device,
-            data,
-            dict(run_config),
-            dict(hparams),
-        )
+        self.device, self.data = device, data
+        self.config, self.hparams = dict(run_config), dict(hparams)
         self.run_dir = Path(run_dir)
         self.model = model.to(device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -114,6 +110,11 @@ class Trainer:
 
     # ----- the loop -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
+        if self.optimizer is None:
+            raise UserError(
+                "There is nothing to train: every parameter is frozen. Freeze fewer stages "
+                "(model.freeze=N or model.freeze=null)."
+            )
         if resume:
             self._restore(self.run_dir / "checkpoints" / "last.pt")
         self._open_writer(resume)
