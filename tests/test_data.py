@@ -25,7 +25,7 @@ def test_real_loaders_read_fixture_files(make_cfg, data, n_train, n_test, shape)
     assert d.test_x.shape == (n_test, *shape) and d.train_y.dtype == torch.int64
     assert set(d.train_y.tolist()) == set(range(10)) and len(d.classes) == 10
     x, y = next(iter(d.train_loader()))
-    assert x.dtype == torch.float32 and x.shape == (128 if n_train > 128 else n_train, *shape)
+    assert x.dtype == torch.float32 and x.shape == (min(d.batch_size, n_train), *shape)
 
 
 def test_cifar_png_folder_is_detected_and_decoded_once(make_cfg, tmp_path, monkeypatch) -> None:
