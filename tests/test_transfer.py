@@ -103,3 +103,15 @@ def test_torchvision_weights_file_loads_by_position(make_cfg, tmp_path) -> None:
         10,
         512,
     )  # ImageNet's 1000-way fc replaced for 10 classes
+
+
+def test_nothing_left_to_train_is_a_user_error(make_cfg, tmp_path, monkeypatch) -> None:
+    from dlrun import transfer
+
+    def freeze_everything(model, spec) -> None:  # a network whose head sits inside its features
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    monkeypatch.setattr(transfer, "freeze", freeze_everything)
+    with pytest.raises(UserError, match="nothing to train: every parameter is frozen"):
+        run(make_cfg(*LENET, "model.freeze=backbone"), tmp_path)
