@@ -22,8 +22,10 @@ def read_weights(spec: str) -> dict[str, Tensor]:
         try:
             weights = get_weight(name)
         except (ValueError, KeyError, AttributeError) as err:
-            raise UserError(f"ckpt={spec}: '{name}' is not a torchvision weights enum "
-                            "(e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1).") from err  # fmt: skip
+            raise UserError(
+                f"ckpt={spec}: '{name}' is not a torchvision weights enum "
+                "(e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1)."
+            ) from err
         hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         if not hub.is_file():
             raise UserError(
