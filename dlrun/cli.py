@@ -63,6 +63,8 @@ def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, 
         "data.batch_size": cfg.data.batch_size,
         "trainer.max_epochs": cfg.trainer.max_epochs,
         "trainer.precision": cfg.trainer.precision,
+        "trainer.channels_last": cfg.trainer.get("channels_last", False),
+        "eval.tta": cfg.eval.tta,
     }
     for key, value in cfg.model.items():
         if isinstance(value, int | float | str | bool) and not str(key).startswith("_"):
@@ -103,6 +105,8 @@ def run(
     data.setup(device, cfg.seed)
     # model.freeze is a training choice, not a constructor argument: model_kwargs leaves it out.
     model = build(model_kwargs(cfg.model), "model")
+    if hasattr(model, "init_from_data"):  # a data-dependent init (airbench's whitening stem)
+        model.init_from_data(data.train_loader().normalize(data.train_x[:5000]).cpu())
     if cfg.ckpt and cfg.mode == "train" and not cfg.resume:  # start from a checkpoint's weights
         transfer.load_weights(model, transfer.read_weights(cfg.ckpt), cfg.ckpt)
     transfer.freeze(model, cfg.model.get("freeze"))
@@ -117,6 +121,7 @@ def run(
         device=device,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
+        tta=cfg.eval.tta,
     )
     if cfg.mode == "eval":
         state = checkpoint.load(cfg.ckpt)

@@ -23,9 +23,14 @@ def _with_warmup(
 
 def constant(
     optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0
-) -> LRScheduler:
-    """The optimizer's lr throughout (after the warmup, if any)."""
+) -> LRScheduler | None:
+    """The optimizer's lr throughout (after the warmup, if any).
+
+    Without a warmup there is nothing to schedule: None, and the loop skips the per-step call.
+    """
     warmup = round(warmup_epochs * steps_per_epoch)
+    if warmup <= 0:
+        return None
     return _with_warmup(optimizer, ConstantLR(optimizer, factor=1.0, total_iters=0), warmup)
 
 

@@ -46,3 +46,8 @@ def test_onecycle_peaks_at_the_optimizer_lr() -> None:
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
 def test_onecycle_survives_very_short_runs(steps: int) -> None:
     assert len(lrs(sched.onecycle, steps)) == steps
+
+
+def test_no_schedule_means_no_per_step_scheduler() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert sched.constant(opt, total_steps=10, steps_per_epoch=5) is None

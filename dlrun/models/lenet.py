@@ -6,7 +6,7 @@ from dlrun.models.layers import ACTIVATIONS, POOLS, choose, init_weights
 
 
 class LeNet5(nn.Module):
-    """conv5(6) - pool - conv5(16) - pool - fc120 - fc84 - fc K.
+    """conv5(6) - pool - conv5(16) - pool - fc120 - fc84 - fc K (widths and BN optional).
 
     The original takes 32x32 inputs; smaller images (MNIST's 28x28) are zero-padded in the
     first convolution, as d2l does, so the feature maps keep the paper's 28/14/10/5 sizes.
@@ -20,6 +20,8 @@ class LeNet5(nn.Module):
         num_classes: int = 10,
         activation: str = "sigmoid",
         pool: str = "avg",
+        batchnorm: bool = False,
+        widths: tuple[int, int] = (6, 16),
         init: str = "default",
     ) -> None:
         super().__init__()
@@ -28,19 +30,27 @@ class LeNet5(nn.Module):
         size = ((image_size + 2 * pad - 4) // 2 - 4) // 2  # spatial size after the conv blocks
         if size < 1:
             raise ValueError(f"LeNet-5 needs images of at least 14x14 pixels, got {image_size}")
+        c1, c2 = widths
+        # d2l's "LeNet with batch normalization": BN between each layer and its activation.
+        bn2d = nn.BatchNorm2d if batchnorm else lambda _: nn.Identity()
+        bn1d = nn.BatchNorm1d if batchnorm else lambda _: nn.Identity()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=pad),
+            nn.Conv2d(in_channels, c1, 5, padding=pad, bias=not batchnorm),
+            bn2d(c1),
             act(),
             pool_layer(2, 2),
-            nn.Conv2d(6, 16, 5),
+            nn.Conv2d(c1, c2, 5, bias=not batchnorm),
+            bn2d(c2),
             act(),
             pool_layer(2, 2),
         )
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * size * size, 120),
+            nn.Linear(c2 * size * size, 120, bias=not batchnorm),
+            bn1d(120),
             act(),
-            nn.Linear(120, 84),
+            nn.Linear(120, 84, bias=not batchnorm),
+            bn1d(84),
             act(),
             nn.Linear(84, num_classes),
         )

@@ -23,6 +23,34 @@ from dlrun.tb import HParam, log_config, log_hparams
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TTA = ("none", "flip")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype; `auto` is bf16 where the hardware has it (CUDA), fp32 elsewhere."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    if precision not in DTYPES:
+        raise UserError(
+            f"trainer.precision must be one of auto, {', '.join(DTYPES)}, got '{precision}'."
+        )
+    return DTYPES[precision]
+
+
+def build_optimizer(optim: Callable[..., Optimizer], params: list[nn.Parameter]) -> Optimizer:
+    """The optimizer in its fused implementation (one kernel for all parameters) where it has one.
+
+    A config that sets `fused` or `foreach` itself is left alone; an optimizer, device or dtype
+    without a fused kernel falls back to torch's default (foreach on CUDA).
+    """
+    chosen = getattr(optim, "keywords", {})
+    if "fused" in chosen or "foreach" in chosen:
+        return optim(params=params)
+    try:
+        return optim(params=params, fused=True)
+    except (TypeError, RuntimeError, ValueError):  # no `fused` argument, or not for these params
+        return optim(params=params)
 
 
 class Trainer:
@@ -36,7 +64,7 @@ class Trainer:
         model: nn.Module,
         data: Any,
         optim: Callable[..., Optimizer],
-        sched: Callable[..., LRScheduler],
+        sched: Callable[..., LRScheduler | None],
         run_dir: str | Path,
         device: torch.device,
         run_config: Mapping[str, Any],
@@ -44,20 +72,25 @@ class Trainer:
         max_epochs: int = 10,
         max_steps: int | None = None,
         precision: str = "fp32",
+        channels_last: bool = False,
         compile: bool = False,
+        tta: str = "none",
         log_every_n_steps: int = 50,
         progress: bool | None = None,
     ) -> None:
-        if precision not in DTYPES:
-            raise UserError(
-                f"trainer.precision must be one of {', '.join(DTYPES)}, got '{precision}'."
-            )
+        if tta not in TTA:
+            raise UserError(f"eval.tta must be one of {', '.join(TTA)}, got '{tta}'.")
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
         self.device, self.data = device, data
         self.config, self.hparams = dict(run_config), dict(hparams)
         self.run_dir = Path(run_dir)
-        self.model = model.to(device)
+        self.dtype = resolve_precision(precision, device)
+        # NHWC: what tensor cores and oneDNN convolutions want; batches follow in `layout`.
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.tta = tta
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.params = sum(p.numel() for p in trainable)
         self.flops = introspect.count_flops(self.model, tuple(data.val_x.shape[1:]), device)
@@ -65,14 +98,13 @@ class Trainer:
         self.max_steps = max_steps or max_epochs * self.steps_per_epoch
         self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
         # A model with nothing to train (k-NN) has no optimizer and no schedule.
-        self.optimizer = optim(params=trainable) if trainable else None
+        self.optimizer = build_optimizer(optim, trainable) if trainable else None
         self.scheduler = (
             sched(self.optimizer, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch)
             if self.optimizer
             else None
         )
-        self.dtype = DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.forward_model = torch.compile(self.model) if compile else self.model
         self.log_every = max(1, log_every_n_steps)
         self.progress = progress
@@ -99,13 +131,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def layout(self, x: Tensor) -> Tensor:
+        """An image batch in the model's memory format (a no-op unless trainer.channels_last)."""
+        return (
+            x.contiguous(memory_format=torch.channels_last)
+            if self.channels_last and x.dim() == 4
+            else x
+        )
+
     def optimize(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: scale the loss, unscale and skip steps on overflow
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         # Not after the very last step: the schedule ends there, and one-cycle would extrapolate.
-        if self.step_count + 1 < self.max_steps:
+        if self.scheduler is not None and self.step_count + 1 < self.max_steps:
             self.scheduler.step()
 
     # ----- the loop -------------------------------------------------------------------------------
@@ -172,31 +216,30 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         self.model.train()
-        sums: dict[str, Tensor] = {}
-        window: dict[str, Tensor] = {}
+        sums: dict[str, Tensor] = {}  # the epoch so far, up to the last logging point
+        window: dict[str, Tensor] = {}  # since the last logging point; stays on the device
         seen = window_seen = 0
         self._sync()
         start = time.perf_counter()
         for batch in self._batches():
             out = self.step(batch)
-            n = len(batch[0])
-            seen, window_seen = seen + n, window_seen + n
+            window_seen += len(batch[0])
             self.step_count += 1
-            for k, v in out.items():  # stays on the device: no host sync per step
-                sums[k] = sums[k] + v if k in sums else v
-                window[k] = window[k] + v if k in window else v
-            if self.step_count % self.log_every == 0:
-                means = {k: v.item() / window_seen for k, v in window.items()}
-                for k, v in means.items():
-                    self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
-                self.writer.add_scalar(
-                    "train/lr", self.optimizer.param_groups[0]["lr"], self.step_count
-                )
-                rate = seen / (time.perf_counter() - start)
-                self._bar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
+            for k, v in out.items():  # one add per value: no host sync, no allocation per step
+                if k in window:
+                    window[k] += v
+                else:
+                    window[k] = v.clone()
+            if self.step_count % self.log_every == 0 or self.step_count >= self.max_steps:
+                seen += window_seen
+                self._flush(window, window_seen, sums, seen / (time.perf_counter() - start))
                 window, window_seen = {}, 0
             if self.step_count >= self.max_steps:
                 break
+        if window:
+            seen += window_seen
+            for k, v in window.items():
+                sums[k] = sums[k] + v if k in sums else v
         self._sync()
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
@@ -208,6 +251,18 @@ class Trainer:
             "epoch": float(self.epoch + 1),
         }
         self._log(metrics)
+
+    def _flush(
+        self, window: dict[str, Tensor], n: int, sums: dict[str, Tensor], rate: float
+    ) -> None:
+        """Every log_every_n_steps: the one host sync, step scalars to TensorBoard, the bar."""
+        means = {k: v.item() / n for k, v in window.items()}
+        for k, v in means.items():
+            self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step_count)
+        self._bar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
+        for k, v in window.items():
+            sums[k] = sums[k] + v if k in sums else v
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -257,7 +312,8 @@ class Trainer:
             )
         checkpoint.load_model_state(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"], self.data.generator)
         self.epoch, self.step_count = state["epoch"], state["step"]

@@ -23,10 +23,12 @@ class ClassificationTrainer(Trainer):
     def step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         x, y = batch
         with self.autocast():
-            out = self.forward_model(x)  # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
+            out = self.forward_model(
+                self.layout(x)
+            )  # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
             logits, *aux = out if isinstance(out, tuple) else (out,)
             loss = self.loss(logits, y)
-        total = loss + self.loss.penalty(self.model)
+        total = loss + self.loss.penalty(self.model) if self.loss.l1 or self.loss.l2 else loss
         if aux:  # the auxiliary classifiers' losses, weighted as the model says (0.3 in the paper)
             total = total + self.aux_weight * sum(self.loss(a, y) for a in aux)
         self.optimize(total)
@@ -41,11 +43,18 @@ class ClassificationTrainer(Trainer):
         n = 0
         for x, y in loader:
             with self.autocast():
-                logits = self.forward_model(x)
+                logits = self.predict(self.layout(x))
             loss_sum += self.loss(logits.float(), y) * len(y)
             correct += (logits.argmax(1) == y).sum()
             n += len(y)
         return {f"{prefix}/loss": loss_sum.item() / n, f"{prefix}/acc": correct.item() / n}
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Evaluation logits; with eval.tta=flip, the mean over the image and its mirror."""
+        logits = self.forward_model(x)
+        if self.tta == "flip":
+            logits = (logits + self.forward_model(x.flip(3))) / 2
+        return logits
 
     def log_start(self, writer: SummaryWriter) -> None:
         # The stored uint8 images, not a loader batch: drawing one would advance the data RNG.

@@ -1,0 +1,149 @@
+"""The speed options: fused optimizers, precision, channels_last, compile, flip TTA, no per-step sync."""
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dlrun.cli import run
+from dlrun.errors import UserError
+from dlrun.models.airbench import AirNet
+from dlrun.trainers.base import build_optimizer, resolve_precision
+from dlrun.trainers.classification import ClassificationTrainer
+
+QUICK = ("model=lenet", "model.activation=relu", "data.batch_size=50", "trainer.max_steps=3")
+
+
+def test_optimizers_get_their_fused_kernel_unless_the_config_chose() -> None:
+    params = [nn.Parameter(torch.randn(3, 3))]
+    assert build_optimizer(functools.partial(torch.optim.Adam, lr=0.1), params).defaults["fused"]
+    assert build_optimizer(functools.partial(torch.optim.SGD, lr=0.1), params).defaults["fused"]
+    chosen = build_optimizer(functools.partial(torch.optim.Adam, lr=0.1, foreach=True), params)
+    assert chosen.defaults["foreach"] and not chosen.defaults["fused"]
+
+
+def test_an_optimizer_without_a_fused_kernel_falls_back() -> None:
+    class Plain(torch.optim.SGD):  # no `fused` argument at all
+        def __init__(self, params: list, lr: float) -> None:
+            super().__init__(params, lr=lr)
+
+    opt = build_optimizer(functools.partial(Plain, lr=0.1), [nn.Parameter(torch.randn(2))])
+    assert not opt.defaults["fused"]
+
+
+def test_precision_auto_is_fp32_on_cpu_and_unknown_names_are_user_errors() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(UserError, match="trainer.precision must be one of auto, fp32"):
+        resolve_precision("fp8", cpu)
+
+
+@pytest.mark.parametrize(
+    ("precision", "channels_last"), [("bf16", True), ("fp16", True), ("auto", False)]
+)
+def test_precision_and_layout_run_on_cpu(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, channels_last: bool
+) -> None:
+    seen: list[torch.Tensor] = []
+    step = ClassificationTrainer.step
+
+    def spy(self: ClassificationTrainer, batch: tuple) -> dict:
+        seen.append(self.layout(batch[0]))
+        assert self.model.features[0].weight.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+        return step(self, batch)
+
+    monkeypatch.setattr(ClassificationTrainer, "step", spy)
+    cfg = make_cfg(
+        *QUICK, f"trainer.precision={precision}", f"trainer.channels_last={channels_last}"
+    )
+    metrics = run(cfg, tmp_path)
+    assert metrics["step"] == 3 and metrics["val/loss"] == metrics["val/loss"]  # not NaN
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert all(x.is_contiguous(memory_format=fmt) for x in seen)
+
+
+def test_compiled_channels_last_run_resumes_into_a_plain_one(make_cfg, tmp_path: Path) -> None:
+    """compile + channels_last write the same checkpoint keys: a plain run continues it."""
+    first = ("trainer.max_epochs=2", "trainer.max_steps=null", "data.train_subset=100")
+    run(make_cfg(*QUICK, *first, "trainer.compile=true", "trainer.channels_last=true"), tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    metrics = run(make_cfg(*QUICK, "mode=eval", f"ckpt={ckpt}"), tmp_path / "eval")
+    assert 0 <= metrics["test/acc"] <= 1
+
+
+def test_flip_tta_averages_the_logits_of_image_and_mirror(make_cfg, tmp_path: Path) -> None:
+    plain = run(make_cfg(*QUICK), tmp_path / "plain")
+    ckpt = tmp_path / "plain" / "checkpoints" / "last.pt"
+    evals = {
+        tta: run(make_cfg(*QUICK, "mode=eval", f"ckpt={ckpt}", f"eval.tta={tta}"), tmp_path / tta)
+        for tta in ("none", "flip")
+    }
+    assert evals["none"]["test/loss"] == pytest.approx(plain["val/loss"])
+    assert evals["flip"]["test/loss"] != pytest.approx(evals["none"]["test/loss"])
+
+
+def test_flip_tta_predict_is_the_mean_of_both_views() -> None:
+    trainer = ClassificationTrainer.__new__(ClassificationTrainer)
+    trainer.forward_model = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+    x = torch.randn(3, 1, 2, 4)
+    trainer.tta = "flip"
+    expected = (trainer.forward_model(x) + trainer.forward_model(x.flip(3))) / 2
+    torch.testing.assert_close(trainer.predict(x), expected)
+
+
+def test_unknown_tta_is_a_user_error(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="eval.tta must be one of none, flip, got 'crop'"):
+        run(make_cfg(*QUICK, "eval.tta=crop"), tmp_path)
+
+
+def test_the_loop_reads_the_device_only_every_log_every_n_steps(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loss and accuracy accumulate on the device: one read per logged window, not per step."""
+    calls = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append(1) or item(t))
+    trainer_run = ClassificationTrainer._train_epoch
+
+    def counted(self: ClassificationTrainer) -> None:
+        calls.clear()
+        trainer_run(self)
+        counted.reads = len(calls)
+
+    monkeypatch.setattr(ClassificationTrainer, "_train_epoch", counted)
+    # 200 images, batch 10: 20 steps; windows end at steps 8, 16 and 20 (the last, partial one is
+    # logged too): 3 windows x 2 values (loss, acc), plus the 2 epoch means.
+    cfg = make_cfg(
+        *QUICK, "trainer.max_steps=20", "data.batch_size=10", "trainer.log_every_n_steps=8"
+    )
+    run(cfg, tmp_path)
+    assert counted.reads == 3 * 2 + 2
+
+
+def test_airbench_whitening_stem_decorrelates_patches() -> None:
+    torch.manual_seed(0)
+    mix = torch.randn(3, 3)  # correlated colour channels
+    images = torch.einsum("ij,bjhw->bihw", mix, torch.randn(64, 3, 16, 16))
+    net = AirNet()
+    net.init_from_data(images)
+    out = net.whiten(images)[:, :12]  # the 12 directions (the other 12 are their negatives)
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    torch.testing.assert_close(cov, torch.eye(12), atol=0.05, rtol=0)
+    assert not net.whiten.weight.requires_grad and net.whiten.bias.requires_grad
+
+
+def test_airbench_gets_its_whitening_from_the_training_images(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("model=airbench", "data=cifar10", "data.batch_size=16", "trainer.max_steps=2")
+    run(cfg, tmp_path)
+    weight = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    fresh = AirNet().state_dict()["whiten.weight"]
+    assert not torch.allclose(weight["whiten.weight"], fresh)
+    assert torch.allclose(weight["whiten.weight"][:12], -weight["whiten.weight"][12:])
