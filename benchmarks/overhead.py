@@ -44,14 +44,15 @@ CASES = {
     ),
     "cifar_resnet18": Case(
         "ResNet-18, CIFAR-10 (crop+flip), batch 64, 30 steps",
-        ["model=resnet18", "data=cifar10", "trainer.max_steps=30"],
+        ["model=resnet18", "data=cifar10", "trainer.max_steps=30", "data.eval_subset=2000"],
     ),
     "mnist_fast": Case("experiment=mnist_fast (LeNet-BN, 1 epoch)", ["experiment=mnist_fast"]),
     "cifar10_fast": Case(
         "experiment=cifar10_fast (AirNet, batch 1024), 8 steps",
-        ["experiment=cifar10_fast", "trainer.max_steps=8"],
+        ["experiment=cifar10_fast", "trainer.max_steps=8", "data.eval_subset=2000"],
     ),
 }
+SLOW = ("cifar_resnet18", "cifar10_fast")
 COMMON = ["trainer.max_epochs=1", "trainer.progress=false"]
 
 
@@ -135,6 +136,9 @@ def main() -> None:
     )
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--slow-repeats", type=int, default=3, help="repeats of the ResNet-18 and AirNet cases"
+    )
     args = parser.parse_args()
     rows = []
     for name in args.cases:
@@ -142,14 +146,15 @@ def main() -> None:
         cfg = compose_cfg(case.overrides)
         plain = plain_loop(cfg)
         runs: dict[str, list[tuple[float, float]]] = {"plain": [], "dlrun": []}
-        for i in range(args.repeats):  # alternate, so drift on a shared machine hits both alike
+        repeats = args.slow_repeats if name in SLOW else args.repeats
+        for i in range(repeats):  # alternate, so drift on a shared machine hits both alike
             runs["plain"].append(plain())
             runs["dlrun"].append(dlrun_run(cfg))
             print(f"{name} repeat {i + 1}: " + ", ".join(
                 f"{k} {v[-1][0]:.2f}s acc {v[-1][1]:.4f}" for k, v in runs.items()), flush=True)  # fmt: skip
         med = {k: [statistics.median(r[j] for r in v) for j in (0, 1)] for k, v in runs.items()}
         rows.append((case.title, *med["plain"], *med["dlrun"]))
-    print(f"\n| case | plain loop s (median of {args.repeats}) | dlrun s | dlrun / plain ", end="")
+    print("\n| case | plain loop s (median) | dlrun s (median) | dlrun / plain ", end="")
     print("| plain acc | dlrun acc |\n| --- | --- | --- | --- | --- | --- |")
     for title, plain_s, plain_acc, dlrun_s, dlrun_acc in rows:
         print(f"| {title} | {plain_s:.2f} | {dlrun_s:.2f} | {dlrun_s / plain_s:.3f}x "

@@ -88,7 +88,7 @@ class Trainer:
         self.dtype = resolve_precision(precision, device)
         # NHWC: what tensor cores and oneDNN convolutions want; batches follow in `layout`.
         self.channels_last = channels_last
-        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
         self.tta = tta
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -132,12 +132,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def layout(self, x: Tensor) -> Tensor:
-        """An image batch in the model's memory format (a no-op unless trainer.channels_last)."""
-        return (
-            x.contiguous(memory_format=torch.channels_last)
-            if self.channels_last and x.dim() == 4
-            else x
-        )
+        """An image batch in the model's memory format.
+
+        Not a formality: the batched random crop gathers in NHWC, and a convolution fed an NHWC
+        batch runs NHWC whatever its weights are. A no-op for a batch already in the format.
+        """
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def optimize(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
