@@ -1,0 +1,95 @@
+"""GAN losses as pure functions of the discriminator's raw outputs (logits), plus the WGAN-GP penalty.
+
+Each `*_d` is minimised by the discriminator (critic), each `*_g` by the generator. They take raw
+scores, not probabilities: the log-sigmoid terms are then computed stably (softplus), and LSGAN
+and WGAN use the raw score by definition.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def binary_cross_entropy(p: Tensor, target: Tensor) -> Tensor:
+    """-mean(t log p + (1 - t) log(1 - p)) on probabilities: the notes' nn.BCELoss."""
+    return F.binary_cross_entropy(p, target)
+
+
+def bce_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Goodfellow's discriminator loss: BCE(D(x), 1) + BCE(D(G(z)), 0), i.e. -log D(x) - log(1 - D(G(z)))."""
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return real + fake
+
+
+def minimax_g(fake_logits: Tensor) -> Tensor:
+    """The original (saturating) generator loss mean log(1 - D(G(z))), minimised.
+
+    log(1 - sigmoid(l)) = log(1 / (1 + e^l)) = -softplus(l), stable for any l. It saturates: when
+    D rejects the fakes (l << 0) its gradient sigmoid(l) vanishes, the reason for the alternative.
+    """
+    return -F.softplus(fake_logits).mean()
+
+
+def nonsaturating_g(fake_logits: Tensor) -> Tensor:
+    """The non-saturating generator loss -mean log D(G(z)) = BCE(D(G(z)), 1): strong early gradients."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def lsgan_d(real_out: Tensor, fake_out: Tensor) -> Tensor:
+    """LSGAN (Mao et al. 2017, a=0, b=c=1): 0.5 mean (D(x) - 1)^2 + 0.5 mean D(G(z))^2."""
+    return 0.5 * (real_out - 1).pow(2).mean() + 0.5 * fake_out.pow(2).mean()
+
+
+def lsgan_g(fake_out: Tensor) -> Tensor:
+    """LSGAN generator: 0.5 mean (D(G(z)) - 1)^2, which still pulls fakes far on the right side."""
+    return 0.5 * (fake_out - 1).pow(2).mean()
+
+
+def wgan_d(real_out: Tensor, fake_out: Tensor) -> Tensor:
+    """WGAN critic: mean f(G(z)) - mean f(x), minus the Wasserstein-1 estimate (add the penalty)."""
+    return fake_out.mean() - real_out.mean()
+
+
+def wgan_g(fake_out: Tensor) -> Tensor:
+    """WGAN generator: -mean f(G(z))."""
+    return -fake_out.mean()
+
+
+def gradient_penalty(
+    critic: Callable[[Tensor], Tensor],
+    real: Tensor,
+    fake: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): mean (||grad f(x_hat)||_2 - 1)^2 on random interpolates.
+
+    Unweighted: the caller multiplies by lambda (10 in the paper). create_graph=True keeps the
+    gradient differentiable, so the penalty trains the critic's parameters.
+    """
+    # (B, 1, 1, 1): one eps ~ U[0, 1] per sample, on the line between a real and a fake image.
+    eps = torch.rand(
+        (real.shape[0],) + (1,) * (real.ndim - 1),
+        device=real.device,
+        dtype=real.dtype,
+        generator=generator,
+    )
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    # The tiny constant keeps sqrt differentiable where a gradient is exactly zero.
+    norm = (grad.flatten(1).pow(2).sum(1) + 1e-12).sqrt()  # (B,)
+    return (norm - 1).pow(2).mean()
+
+
+DLoss = Callable[[Tensor, Tensor], Tensor]
+GLoss = Callable[[Tensor], Tensor]
+
+# loss name -> (discriminator loss, generator loss); "wgan_gp" also needs gradient_penalty.
+GAN_LOSSES: dict[str, tuple[DLoss, GLoss]] = {
+    "bce": (bce_d, minimax_g),
+    "nonsaturating": (bce_d, nonsaturating_g),
+    "lsgan": (lsgan_d, lsgan_g),
+    "wgan_gp": (wgan_d, wgan_g),
+}
