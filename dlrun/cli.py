@@ -18,7 +18,7 @@ from dlrun.errors import UserError
 from dlrun.models import model_kwargs
 
 log = logging.getLogger("dlrun")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "sample")
 # The configs live beside the package (DESIGN section 2); an editable install keeps that layout.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -80,9 +80,9 @@ def run(
         raise UserError(
             f"mode='{cfg.mode}' is not a mode of this task; use one of: {', '.join(MODES)}."
         )
-    if cfg.mode == "eval" and not cfg.ckpt:
+    if cfg.mode in ("eval", "sample") and not cfg.ckpt:
         raise UserError(
-            "mode=eval needs ckpt=PATH, the checkpoint to evaluate (e.g. <run>/checkpoints/best.pt)."
+            f"mode={cfg.mode} needs ckpt=PATH, the checkpoint to use (e.g. <run>/checkpoints/best.pt)."
         )
     missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
     if missing:
@@ -122,14 +122,24 @@ def run(
         run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
         tta=cfg.eval.tta,
+        metrics_cfg=OmegaConf.to_container(cfg.metrics, resolve=True),
     )
+    if cfg.mode == "sample":
+        if not hasattr(trainer, "sample"):
+            raise UserError(
+                "mode=sample generates images: it needs a generative model (model=gan, model=dcgan)."
+            )
+        checkpoint.load_model_state(model, checkpoint.load(cfg.ckpt), cfg.ckpt)
+        paths = trainer.sample(int(cfg.sample.n), run_dir / "samples")
+        log.info("wrote %d samples and grid.png to %s", len(paths), run_dir / "samples")
+        return {"samples": float(len(paths))}
     if cfg.mode == "eval":
         state = checkpoint.load(cfg.ckpt)
         checkpoint.load_model_state(model, state, cfg.ckpt)
         trainer.epoch, trainer.step_count = state.get("epoch", 0), state.get("step", 0)
         trainer.train_time = state.get("train_time", 0.0)
         metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
-        log.info("test/acc=%.4f test/loss=%.4f", metrics["test/acc"], metrics["test/loss"])
+        log.info(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/")))
         return metrics
     metrics = trainer.fit(resume=bool(cfg.resume))
     log.info(

@@ -93,3 +93,18 @@ GAN_LOSSES: dict[str, tuple[DLoss, GLoss]] = {
     "lsgan": (lsgan_d, lsgan_g),
     "wgan_gp": (wgan_d, wgan_g),
 }
+
+
+class GANObjective:
+    """The `loss=` of a GAN: a named D/G loss pair, the gradient-penalty weight and critic steps."""
+
+    def __init__(self, name: str, gp_weight: float = 0.0, critic_iters: int = 1) -> None:
+        if name not in GAN_LOSSES:
+            raise ValueError(f"unknown GAN loss '{name}'; choose one of: {', '.join(GAN_LOSSES)}")
+        if critic_iters < 1 or gp_weight < 0:
+            raise ValueError("loss.critic_iters must be >= 1 and loss.gp_weight >= 0")
+        self.name = name
+        self.d, self.g = GAN_LOSSES[name]
+        self.gp_weight, self.critic_iters = gp_weight, critic_iters
+        # BCE-family discriminators output logits: D(x) as a probability is their sigmoid.
+        self.probabilities = name in ("bce", "nonsaturating")

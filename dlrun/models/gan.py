@@ -218,8 +218,15 @@ def dcgan(
     g_width: int = 64,
     d_width: int = 64,
     norm: str = "batch",
+    loss_name: str | None = None,
 ) -> GAN:
-    """DCGAN (Radford et al. 2015); `norm="layer"` or `"none"` makes the WGAN-GP critic."""
+    """DCGAN (Radford et al. 2015); `norm="layer"` or `"none"` makes the WGAN-GP critic.
+
+    `norm="auto"` is BatchNorm, except for loss=wgan_gp: its gradient penalty is taken per sample,
+    and BatchNorm makes each critic score depend on the rest of the batch.
+    """
+    if norm == "auto":
+        norm = "layer" if loss_name == "wgan_gp" else "batch"
     shape = {"channels": in_channels, "image_size": image_size}
     return GAN(
         generator=DCGANGenerator(latent_dim=latent_dim, width=g_width, **shape),

@@ -56,7 +56,8 @@ def build_optimizer(optim: Callable[..., Optimizer], params: list[nn.Parameter])
 class Trainer:
     """Owns the loop; a task subclass implements `step(batch) -> sums` and `evaluate(loader)`."""
 
-    monitor = "val/acc"  # the metric that picks best.pt; higher is better
+    monitor = "val/acc"  # the metric that picks best.pt
+    higher_is_better = True
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class Trainer:
         channels_last: bool = False,
         compile: bool = False,
         tta: str = "none",
+        metrics_cfg: Mapping[str, Any] | None = None,  # sample-quality metrics: generative tasks
         log_every_n_steps: int = 50,
         progress: bool | None = None,
     ) -> None:
@@ -93,17 +95,21 @@ class Trainer:
         self.tta = tta
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.params = sum(p.numel() for p in trainable)
-        self.flops = introspect.count_flops(self.model, tuple(data.val_x.shape[1:]), device)
-        self.steps_per_epoch = len(data.train_loader())
+        self.flops = self.count_flops()
+        self.steps_per_epoch = len(self.train_loader())
         self.max_steps = max_steps or max_epochs * self.steps_per_epoch
         self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
-        # A model with nothing to train (k-NN) has no optimizer and no schedule.
-        self.optimizer = build_optimizer(optim, trainable) if trainable else None
-        self.scheduler = (
-            sched(self.optimizer, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch)
-            if self.optimizer
-            else None
-        )
+        # One optimizer (and schedule) per network role; a single-network task has role "model".
+        self.optimizers: dict[str, Optimizer] = {}
+        self.schedulers: dict[str, LRScheduler | None] = {}
+        for role, params in self.param_groups_by_role().items():
+            if params:  # a model with nothing to train (k-NN) has no optimizer and no schedule
+                opt = self.optimizers[role] = build_optimizer(optim, params)
+                self.schedulers[role] = sched(
+                    opt, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch
+                )
+        self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
+        self.scheduler = next(iter(self.schedulers.values()), None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.forward_model = torch.compile(self.model) if compile else self.model
         self.log_every = max(1, log_every_n_steps)
@@ -115,6 +121,17 @@ class Trainer:
         self.writer: SummaryWriter | None = None
 
     # ----- what a task provides -----------------------------------------------------------------
+    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters of each network that gets its own optimizer."""
+        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
+
+    def count_flops(self) -> int:
+        """Forward FLOPs of one input, as the run folder reports them."""
+        return introspect.count_flops(self.model, tuple(self.data.val_x.shape[1:]), self.device)
+
+    def train_loader(self) -> Any:
+        return self.data.train_loader()
+
     def step(self, batch: Any) -> dict[str, Tensor]:
         """One optimisation step; returns batch *sums* (detached) to be averaged over the epoch."""
         raise NotImplementedError
@@ -139,18 +156,19 @@ class Trainer:
         """
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
-    def optimize(self, loss: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def optimize(self, loss: Tensor, role: str = "model") -> None:
+        optimizer, scheduler = self.optimizers[role], self.schedulers[role]
+        optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():  # fp16: scale the loss, unscale and skip steps on overflow
             self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
+            self.scaler.step(optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            self.optimizer.step()
+            optimizer.step()
         # Not after the very last step: the schedule ends there, and one-cycle would extrapolate.
-        if self.scheduler is not None and self.step_count + 1 < self.max_steps:
-            self.scheduler.step()
+        if scheduler is not None and self.step_count + 1 < self.max_steps:
+            scheduler.step()
 
     # ----- the loop -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
@@ -193,6 +211,8 @@ class Trainer:
         last = self.run_dir / "checkpoints" / "last.pt"
         checkpoint.save(last, self._state())
         score = self.metrics.get(self.monitor)
+        if score is not None and not self.higher_is_better:
+            score = -score  # e.g. FID: lower is better
         if score is not None and (self.best is None or score > self.best):
             self.best = score
             tmp = last.with_name(".best.tmp")
@@ -203,7 +223,7 @@ class Trainer:
         """Anything a task logs once when training ends (e.g. what the network learned to see)."""
 
     def _batches(self) -> Iterator[Any]:
-        loader = self.data.train_loader()
+        loader = self.train_loader()
         bar = tqdm(
             loader,
             total=len(loader),
@@ -282,8 +302,8 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "model": checkpoint.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
-            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+            "optimizer": self._roles(self.optimizers),
+            "scheduler": self._roles(self.schedulers),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(self.data.generator),
             "epoch": self.epoch,
@@ -294,6 +314,12 @@ class Trainer:
             "best": self.best,
             "config": self.config,
         }
+
+    @staticmethod
+    def _roles(objects: Mapping[str, Any]) -> dict[str, Any]:
+        """State dicts by role; a single network's stay unnested (the checkpoint format of 1.0)."""
+        states = {role: obj.state_dict() if obj is not None else {} for role, obj in objects.items()}
+        return next(iter(states.values())) if len(states) == 1 else states
 
     def _restore(self, path: Path) -> None:
         if not path.is_file():
@@ -311,9 +337,11 @@ class Trainer:
                 "Resume with the run's own settings, or start a new run from its weights with ckpt=PATH."
             )
         checkpoint.load_model_state(self.model, state, path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        for key, objects in (("optimizer", self.optimizers), ("scheduler", self.schedulers)):
+            saved = state[key] if len(objects) > 1 else {next(iter(objects)): state[key]}
+            for role, obj in objects.items():
+                if obj is not None:
+                    obj.load_state_dict(saved[role])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"], self.data.generator)
         self.epoch, self.step_count = state["epoch"], state["step"]

@@ -8,6 +8,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from dlrun import introspect
+from dlrun.errors import UserError
 from dlrun.losses import Objective
 from dlrun.trainers.base import Trainer
 
@@ -16,6 +17,11 @@ class ClassificationTrainer(Trainer):
     """Trains `model(x) -> logits` against integer labels."""
 
     def __init__(self, *, loss: Objective, **kwargs: Any) -> None:
+        if not isinstance(loss, Objective):
+            raise UserError(
+                f"loss={getattr(loss, 'name', type(loss).__name__)} is not a classification loss; "
+                "a classifier trains with loss=cross_entropy or loss=hinge."
+            )
         super().__init__(**kwargs)
         self.loss = loss
         self.aux_weight = float(getattr(self.model, "aux_weight", 0.0))

@@ -1,0 +1,243 @@
+"""GANs: alternating discriminator (critic) and generator updates, samples, FID/KID in TensorBoard."""
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
+
+from dlrun import checkpoint, introspect, metrics
+from dlrun.data.tensor_loader import TensorLoader
+from dlrun.errors import UserError
+from dlrun.gan_losses import GANObjective, gradient_penalty
+from dlrun.models import model_kwargs
+from dlrun.trainers.base import Trainer
+
+log = logging.getLogger(__name__)
+FEATURES = ("auto", "inception", "ckpt")
+
+
+class GANTrainer(Trainer):
+    """Trains `model.generator` against `model.discriminator`, one optimizer each."""
+
+    higher_is_better = False  # best.pt: the lowest FID
+
+    def __init__(
+        self,
+        *,
+        loss: Any,
+        sample_every_n_steps: int = 500,
+        metrics_cfg: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(loss, GANObjective):
+            raise UserError(
+                f"A GAN trains with a GAN loss: loss=nonsaturating, bce, lsgan or wgan_gp, not "
+                f"{getattr(loss, 'name', type(loss).__name__)}."
+            )
+        model = kwargs["model"]
+        if not (hasattr(model, "generator") and hasattr(model, "discriminator")):
+            raise UserError(
+                f"The GAN trainer needs a GAN model (model=gan or model=dcgan), not "
+                f"{type(model).__name__}."
+            )
+        self.loss = loss
+        self.sample_every = max(1, sample_every_n_steps)
+        cfg = metrics_cfg or {}
+        self.metric_n = int(cfg.get("n", 2000))
+        self.metric_every = max(1, int(cfg.get("every_n_epochs", 1)))
+        fid = cfg.get("fid", {}) or {}
+        self.feature_kind, self.feature_ckpt = fid.get("features", "auto"), fid.get("ckpt")
+        if self.feature_kind not in FEATURES:
+            raise UserError(
+                f"metrics.fid.features must be one of {', '.join(FEATURES)}, "
+                f"got '{self.feature_kind}'."
+            )
+        if self.feature_kind == "ckpt" and not self.feature_ckpt:
+            raise UserError(
+                "metrics.fid.features=ckpt needs metrics.fid.ckpt=PATH: a dlrun classifier "
+                "checkpoint trained on the same data (e.g. from dlrun model=lenet data=mnist)."
+            )
+        super().__init__(**kwargs)
+        self.gan = checkpoint.unwrap(self.model)
+        self.d_steps = 0
+        gen = torch.Generator(device=self.device).manual_seed(1234)
+        self.fixed_noise = self.gan.sample_latent(64, self.device, gen)  # the same grid all run
+        self.extractor: Any = None
+        self.classifier: metrics.ClassifierFeatures | None = None
+        self.real_features: Tensor | None = None
+        self.monitor = "val/fid_classifier" if self.feature_kind == "ckpt" else "val/fid"
+
+    # ----- what the base loop asks of a task ------------------------------------------------------
+    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
+        gan = checkpoint.unwrap(self.model)
+        return {
+            role: [p for p in getattr(gan, role).parameters() if p.requires_grad]
+            for role in ("generator", "discriminator")
+        }
+
+    def count_flops(self) -> int:  # the generator's, per sample
+        return introspect.count_flops(self.model, (self.model.latent_dim,), self.device)
+
+    def train_loader(self) -> TensorLoader:
+        """Real images scaled to [-1, 1], the generator's tanh range, whatever data.mean/std say."""
+        c = self.data.channels
+        return TensorLoader(
+            self.data.train_x,
+            self.data.train_y,
+            batch_size=self.data.batch_size,
+            mean=[0.5] * c,
+            std=[0.5] * c,
+            shuffle=True,
+            hflip=self.data.hflip,
+            generator=self.data.generator,
+        )
+
+    def step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        real, _ = batch
+        b = len(real)
+        d, g = self.gan.discriminator, self.gan.generator
+        z = self.gan.sample_latent(b, self.device, self.data.generator)
+        with self.autocast():
+            fake = g(z)
+            d_real, d_fake = d(real), d(fake.detach())
+            d_loss = self.loss.d(d_real.float(), d_fake.float())
+        out = {"loss_d": d_loss.detach() * b}
+        if self.loss.gp_weight:
+            gp = gradient_penalty(d, real, fake.float(), self.data.generator)
+            d_loss = d_loss + self.loss.gp_weight * gp
+            out["gp"] = gp.detach() * b
+            out["wasserstein"] = (d_real.mean() - d_fake.mean()).detach().float() * b
+        self.optimize(d_loss, "discriminator")
+        self.d_steps += 1
+        as_prob = torch.sigmoid if self.loss.probabilities else (lambda t: t)
+        out["d_x"] = as_prob(d_real.detach().float()).sum()
+        out["d_g_z"] = as_prob(d_fake.detach().float()).sum()
+        # WGAN-GP: one generator step per `critic_iters` critic steps, each on a fresh real batch.
+        if self.d_steps % self.loss.critic_iters == 0:
+            with self.autocast():
+                g_loss = self.loss.g(d(g(z)).float())
+            self.optimize(g_loss, "generator")
+            # x critic_iters: summed over G steps only, it still averages to the mean G loss.
+            out["loss_g"] = g_loss.detach() * b * self.loss.critic_iters
+        if (self.step_count + 1) % self.sample_every == 0:
+            self._log_samples(self.step_count + 1)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
+        """FID / KID against real test images, every metrics.every_n_epochs and at the end."""
+        last = self.epoch >= self.max_epochs or self.step_count >= self.max_steps
+        if prefix == "val" and self.epoch % self.metric_every and not last:
+            return {}
+        if not self._ensure_features():
+            return {}
+        fake = self.generate(self.metric_n, seed=4321)
+        feats = self.extractor(fake)
+        tag = "_classifier" if self.extractor is self.classifier else ""
+        out = {
+            f"{prefix}/fid{tag}": metrics.fid_from_features(feats, self.real_features),
+            f"{prefix}/kid{tag}": metrics.kid_from_features(
+                feats, self.real_features, generator=torch.Generator().manual_seed(0)
+            ),
+        }
+        if self.classifier is not None:  # mode coverage: which classes the samples fall into
+            labels = self.classifier.logits(fake).argmax(1)
+            cover = metrics.mode_coverage(labels, self.data.num_classes)
+            out[f"{prefix}/mode_coverage"] = float(cover["coverage"])
+            out[f"{prefix}/mode_evenness"] = float(cover["evenness"])
+        return out
+
+    def log_start(self, writer: SummaryWriter) -> None:
+        images = self.data.train_x[:64].float() / 255
+        writer.add_image("train/real_images", make_grid(images, nrow=8), 0)
+        self._log_samples(0)
+
+    def log_end(self, writer: SummaryWriter) -> None:
+        self._log_samples(self.step_count)
+
+    # ----- samples and metrics ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, n: int, seed: int = 0, batch: int = 500) -> Tensor:
+        """n generated images in [-1, 1] (eval mode: BatchNorm's running statistics)."""
+        g = self.gan.generator
+        was_training = g.training
+        g.eval()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        z = self.gan.sample_latent(n, self.device, gen)
+        with self.autocast():
+            out = torch.cat([g(chunk).float() for chunk in z.split(batch)])
+        g.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def _log_samples(self, step: int) -> None:
+        g = self.gan.generator
+        was_training = g.training
+        g.eval()
+        with self.autocast():
+            images = g(self.fixed_noise).float()
+        g.train(was_training)
+        grid = make_grid((images + 1) / 2, nrow=8).clamp(0, 1)
+        self.writer.add_image("samples/fixed_noise", grid, step)
+
+    def _ensure_features(self) -> bool:
+        """Build the feature network once (and the real test images' features)."""
+        if self.extractor is not None:
+            return True
+        if self.feature_ckpt:
+            self.classifier = self._load_classifier(Path(self.feature_ckpt))
+        if self.feature_kind == "ckpt":
+            self.extractor = self.classifier
+        elif self.feature_kind == "inception":
+            self.extractor = metrics.InceptionFeatures(self.device)
+        else:  # auto: Inception where its weights can be had, else the classifier, else none
+            try:
+                self.extractor = metrics.InceptionFeatures(self.device)
+            except UserError as err:
+                self.extractor = self.classifier
+                if self.extractor is None:
+                    log.warning("no FID/KID for this run: %s", err)
+                    self.feature_kind = "none"
+                    return False
+        real = self.data.val_x[: self.metric_n].float() / 127.5 - 1
+        self.real_features = self.extractor(real)
+        if self.extractor is self.classifier:
+            self.monitor = "val/fid_classifier"
+        return True
+
+    def _load_classifier(self, path: Path) -> metrics.ClassifierFeatures:
+        state = checkpoint.load(path)
+        cfg = state.get("config", {})
+        if "model" not in cfg or "data" not in cfg:
+            raise UserError(f"metrics.fid.ckpt={path} is not a dlrun classifier checkpoint.")
+        made_for = cfg["data"].get("name")
+        if made_for != self.data.name:
+            raise UserError(
+                f"metrics.fid.ckpt={path} is a classifier of {made_for}, but this GAN trains on "
+                f"{self.data.name}: its features would not describe these images."
+            )
+        net = instantiate(model_kwargs(OmegaConf.create(cfg["model"])))
+        checkpoint.load_model_state(net, state, path)
+        net = net.to(self.device).eval()
+        return metrics.ClassifierFeatures(net, cfg["data"]["mean"], cfg["data"]["std"])
+
+    def sample(self, n: int, out_dir: Path) -> list[Path]:
+        """mode=sample: n PNG files and a grid (grid.png) in out_dir."""
+        if n < 1:
+            raise UserError(f"sample.n must be a positive integer, got {n}.")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images = (self.generate(n, seed=0) + 1) / 2
+        width = len(str(n - 1))
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(out_dir / f"{i:0{width}d}.png")
+            save_image(image, paths[-1])
+        save_image(images[:256], out_dir / "grid.png", nrow=int(math.sqrt(min(n, 256))) or 1)
+        return paths

@@ -1,0 +1,139 @@
+"""The GAN trainer: every model x loss trains a few steps, resume is exact, sample mode, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+from dlrun.cli import run
+from dlrun.errors import UserError
+
+QUICK = ("data.batch_size=50", "trainer.log_every_n_steps=2", "metrics.n=100")
+TIMING = ("time/", "images_per_s")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """A LeNet-5 checkpoint on the MNIST fixture: the offline FID feature network."""
+    from hydra import compose, initialize_config_dir
+
+    from dlrun.cli import CONFIG_DIR
+
+    out = tmp_path_factory.mktemp("classifier")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"data.root={data_root}", "device=cpu", "trainer.progress=false",
+                       "model=lenet", "model.activation=relu", "trainer.max_epochs=1"],
+        )  # fmt: skip
+    run(cfg, out)
+    return out / "checkpoints" / "last.pt"
+
+
+def gan_cfg(make_cfg, classifier: Path, *overrides: str):
+    fid = ("metrics.fid.features=ckpt", f"metrics.fid.ckpt={classifier}")
+    return make_cfg(*QUICK, *fid, *overrides)
+
+
+@pytest.mark.parametrize("loss", ["nonsaturating", "bce", "lsgan", "wgan_gp"])
+@pytest.mark.parametrize("model", ["gan", "dcgan"])
+def test_every_gan_model_trains_with_every_loss(
+    make_cfg, classifier: Path, tmp_path: Path, model: str, loss: str
+) -> None:
+    cfg = gan_cfg(make_cfg, classifier, f"model={model}", f"loss={loss}", "trainer.max_steps=5")
+    metrics = run(cfg, tmp_path)
+    assert metrics["step"] == 5
+    for key in ("train/loss_d", "train/loss_g", "train/d_x", "train/d_g_z", "val/fid_classifier",
+                "val/kid_classifier", "val/mode_coverage", "val/mode_evenness"):  # fmt: skip
+        assert key in metrics and metrics[key] == metrics[key], key  # present, not NaN
+    assert all(k in metrics for k in ("train/gp", "train/wasserstein")) == (loss == "wgan_gp")
+    if loss in ("nonsaturating", "bce"):
+        assert 0 <= metrics["train/d_x"] <= 1 and 0 <= metrics["train/d_g_z"] <= 1
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert set(state["optimizer"]) == {"generator", "discriminator"}
+
+
+def test_wgan_gp_logs_penalty_and_distance_and_uses_a_batchnorm_free_critic(
+    make_cfg, classifier: Path, tmp_path: Path
+) -> None:
+    cfg = gan_cfg(make_cfg, classifier, "model=dcgan", "loss=wgan_gp", "trainer.max_steps=10")
+    metrics = run(cfg, tmp_path)
+    assert metrics["train/gp"] >= 0 and "train/wasserstein" in metrics
+    weights = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not any("running_mean" in k for k in weights if k.startswith("discriminator."))
+
+
+def test_gan_resume_ends_exactly_like_an_uninterrupted_run(
+    make_cfg, classifier: Path, tmp_path: Path
+) -> None:
+    full = run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_epochs=2"), tmp_path / "a")
+    run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_epochs=2", "trainer.max_steps=4"),
+        tmp_path / "b")  # fmt: skip
+    # The first run stopped after epoch 1 (4 steps of 50 on 200 images): continue it to the end.
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["max_steps"] = 8  # as if the 8-step run had been killed after its first epoch
+    torch.save(ckpt, tmp_path / "b" / "checkpoints" / "last.pt")
+    resumed = run(
+        gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_epochs=2", "resume=true"),
+        tmp_path / "b",
+    )
+    stable = lambda m: {k: v for k, v in m.items() if not any(t in k for t in TIMING)}  # noqa: E731
+    assert stable(resumed) == pytest.approx(stable(full))
+
+
+def test_sample_mode_writes_n_pngs_and_a_grid(make_cfg, classifier: Path, tmp_path: Path) -> None:
+    run(gan_cfg(make_cfg, classifier, "model=dcgan", "trainer.max_steps=2"), tmp_path / "train")
+    ckpt = tmp_path / "train" / "checkpoints" / "last.pt"
+    run(make_cfg("model=dcgan", "mode=sample", f"ckpt={ckpt}", "sample.n=10"), tmp_path / "s")
+    pngs = sorted((tmp_path / "s" / "samples").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i}.png" for i in range(10)] + ["grid.png"]
+
+
+def test_tensorboard_gets_losses_probabilities_and_throttled_sample_grids(
+    make_cfg, classifier: Path, tmp_path: Path
+) -> None:
+    cfg = gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=8",
+                  "trainer.max_epochs=2", "trainer.sample_every_n_steps=4")  # fmt: skip
+    run(cfg, tmp_path)
+    events = [
+        v for f in tmp_path.glob("events.out.tfevents.*")
+        for e in EventFileLoader(str(f)).Load() for v in e.summary.value
+    ]  # fmt: skip
+    tags = {v.tag for v in events}
+    assert {"train/loss_d", "train/loss_g", "train/d_x", "train/d_g_z", "val/fid_classifier",
+            "train/real_images"} <= tags  # fmt: skip
+    grids = [v for v in events if v.tag == "samples/fixed_noise"]
+    assert len(grids) == 4  # step 0, every 4 steps (4 and 8), and the end
+
+
+def test_gan_with_a_classification_loss_is_a_user_error(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="A GAN trains with a GAN loss"):
+        run(make_cfg("model=gan", "loss=cross_entropy"), tmp_path)
+
+
+def test_classifier_with_a_gan_loss_is_a_user_error(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="loss=wgan_gp is not a classification loss"):
+        run(make_cfg("model=lenet", "loss=wgan_gp"), tmp_path)
+
+
+def test_sample_mode_of_a_classifier_is_a_user_error(
+    make_cfg, classifier: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match="mode=sample generates images"):
+        run(make_cfg("model=lenet", "mode=sample", f"ckpt={classifier}"), tmp_path)
+
+
+def test_fid_classifier_of_other_data_is_a_user_error(
+    make_cfg, classifier: Path, tmp_path: Path
+) -> None:
+    cfg = gan_cfg(make_cfg, classifier, "model=dcgan", "data=cifar10", "trainer.max_steps=1")
+    with pytest.raises(UserError, match="is a classifier of mnist, but this GAN trains on cifar10"):
+        run(cfg, tmp_path)
+
+
+def test_metrics_json_of_a_gan_run(make_cfg, classifier: Path, tmp_path: Path) -> None:
+    run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=2"), tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["params"] > 0 and saved["step"] == 2 and "val/fid_classifier" in saved
