@@ -31,26 +31,30 @@ class LeNet5(nn.Module):
         if size < 1:
             raise ValueError(f"LeNet-5 needs images of at least 14x14 pixels, got {image_size}")
         c1, c2 = widths
-        # d2l's "LeNet with batch normalization": BN between each layer and its activation.
-        bn2d = nn.BatchNorm2d if batchnorm else lambda _: nn.Identity()
-        bn1d = nn.BatchNorm1d if batchnorm else lambda _: nn.Identity()
+        bias = not batchnorm  # a BatchNorm right after a layer makes its bias redundant
+
+        def norm(layer: type[nn.Module], n: int) -> list[nn.Module]:
+            # d2l's "LeNet with batch normalization": BN between each layer and its activation.
+            # Without it nothing is inserted, so the plain LeNet's weight names stay the paper's.
+            return [layer(n)] if batchnorm else []
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=pad, bias=not batchnorm),
-            bn2d(c1),
+            nn.Conv2d(in_channels, c1, 5, padding=pad, bias=bias),
+            *norm(nn.BatchNorm2d, c1),
             act(),
             pool_layer(2, 2),
-            nn.Conv2d(c1, c2, 5, bias=not batchnorm),
-            bn2d(c2),
+            nn.Conv2d(c1, c2, 5, bias=bias),
+            *norm(nn.BatchNorm2d, c2),
             act(),
             pool_layer(2, 2),
         )
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c2 * size * size, 120, bias=not batchnorm),
-            bn1d(120),
+            nn.Linear(c2 * size * size, 120, bias=bias),
+            *norm(nn.BatchNorm1d, 120),
             act(),
-            nn.Linear(120, 84, bias=not batchnorm),
-            bn1d(84),
+            nn.Linear(120, 84, bias=bias),
+            *norm(nn.BatchNorm1d, 84),
             act(),
             nn.Linear(84, num_classes),
         )
