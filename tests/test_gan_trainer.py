@@ -137,3 +137,44 @@ def test_metrics_json_of_a_gan_run(make_cfg, classifier: Path, tmp_path: Path) -
     run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=2"), tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["params"] > 0 and saved["step"] == 2 and "val/fid_classifier" in saved
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model=dcgan", "mode=sample"), "mode=sample needs ckpt=PATH"),
+        (("model=gan", "metrics.fid.features=pixels"), "metrics.fid.features must be one of auto"),
+        (
+            ("model=gan", "metrics.fid.features=ckpt"),
+            "metrics.fid.features=ckpt needs metrics.fid.ckpt",
+        ),
+        (("model=lenet", "trainer=gan", "loss=nonsaturating"), "needs a GAN model"),
+    ],
+)
+def test_gan_config_mistakes_are_user_errors(
+    make_cfg, tmp_path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        run(make_cfg(*overrides), tmp_path)
+
+
+def test_sample_n_must_be_positive(make_cfg, classifier: Path, tmp_path: Path) -> None:
+    run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=1"), tmp_path / "train")
+    ckpt = tmp_path / "train" / "checkpoints" / "last.pt"
+    with pytest.raises(UserError, match="sample.n must be a positive integer, got 0"):
+        run(make_cfg("model=gan", "mode=sample", f"ckpt={ckpt}", "sample.n=0"), tmp_path / "s")
+
+
+def test_auto_features_without_any_network_warn_once_and_skip(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tries = []
+
+    def offline(*_args: object, **_kwargs: object) -> None:
+        tries.append(1)
+        raise UserError("no Inception weights here")
+
+    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
+    cfg = make_cfg(*QUICK, "model=gan", "trainer.max_epochs=3")
+    metrics = run(cfg, tmp_path)
+    assert len(tries) == 1 and not any("fid" in k for k in metrics)

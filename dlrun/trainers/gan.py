@@ -191,6 +191,8 @@ class GANTrainer(Trainer):
         """Build the feature network once (and the real test images' features)."""
         if self.extractor is not None:
             return True
+        if self.feature_kind == "none":  # auto found no feature network: do not retry each epoch
+            return False
         if self.feature_ckpt:
             self.classifier = self._load_classifier(Path(self.feature_ckpt))
         if self.feature_kind == "ckpt":
