@@ -155,7 +155,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except UserError as err:
         print(f"dlrun: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print(
             f"dlrun: interrupted; continue with resume=true hydra.run.dir={hc.runtime.output_dir}",
