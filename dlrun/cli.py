@@ -2,7 +2,7 @@
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dlrun import checkpoint, transfer
+from dlrun import checkpoint, rundir, transfer, validate
 from dlrun.errors import UserError
 from dlrun.models import model_kwargs
+from dlrun.trainers.guards import Interrupted
 
 log = logging.getLogger("dlrun")
 MODES = ("train", "eval", "sample")
 # The configs live beside the package (DESIGN section 2); an editable install keeps that layout.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+OmegaConf.register_new_resolver("unique_dir", rundir.unique_dir, replace=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,9 +75,17 @@ def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, 
 
 
 def run(
-    cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] | None = None
+    cfg: DictConfig,
+    run_dir: str | Path,
+    choices: Mapping[str, str | None] | None = None,
+    commit: Callable[[], None] | None = None,
 ) -> dict:
-    """Everything `dlrun` does after Hydra composed the config; tests call it directly."""
+    """Everything `dlrun` does after Hydra composed the config; tests call it directly.
+
+    Every check comes before `commit` (which writes .hydra/ and the log file); nothing is written
+    to the run folder before it, so a refused run leaves an existing folder as it was.
+    """
+    validate.check_config(cfg)
     if cfg.mode not in MODES:
         raise UserError(
             f"mode='{cfg.mode}' is not a mode of this task; use one of: {', '.join(MODES)}."
@@ -95,7 +105,7 @@ def run(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    commit = commit or (lambda: run_dir.mkdir(parents=True, exist_ok=True))
     log.info("run folder: %s", run_dir.resolve())
     log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
 
@@ -105,6 +115,13 @@ def run(
     data.setup(device, cfg.seed)
     # model.freeze is a training choice, not a constructor argument: model_kwargs leaves it out.
     model = build(model_kwargs(cfg.model), "model")
+    if not hasattr(
+        model, "generator"
+    ):  # a GAN's input is noise; its sizes are checked by its trainer
+        shape = (data.channels, data.image_size, data.image_size)
+        validate.check_image_size(
+            model, shape, (choices or {}).get("model") or type(model).__name__
+        )
     if hasattr(model, "init_from_data"):  # a data-dependent init (airbench's whitening stem)
         model.init_from_data(data.train_loader().normalize(data.train_x[:5000]).cpu())
     if cfg.ckpt and cfg.mode == "train" and not cfg.resume:  # start from a checkpoint's weights
@@ -124,23 +141,28 @@ def run(
         tta=cfg.eval.tta,
         metrics_cfg=OmegaConf.to_container(cfg.metrics, resolve=True),
     )
+    resolved = trainer.config
     if cfg.mode == "sample":
         if not hasattr(trainer, "sample"):
             raise UserError(
                 "mode=sample generates images: it needs a generative model (model=gan, model=dcgan)."
             )
-        checkpoint.load_model_state(model, checkpoint.load(cfg.ckpt), cfg.ckpt)
+        checkpoint.load_model_state(model, checkpoint.load(cfg.ckpt), cfg.ckpt, config=resolved)
+        commit()
         paths = trainer.sample(int(cfg.sample.n), run_dir / "samples")
         log.info("wrote %d samples and grid.png to %s", len(paths), run_dir / "samples")
         return {"samples": float(len(paths))}
     if cfg.mode == "eval":
         state = checkpoint.load(cfg.ckpt)
-        checkpoint.load_model_state(model, state, cfg.ckpt)
+        checkpoint.load_model_state(model, state, cfg.ckpt, config=resolved)
+        commit()
         trainer.epoch, trainer.step_count = state.get("epoch", 0), state.get("step", 0)
         trainer.train_time = state.get("train_time", 0.0)
         metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
         log.info(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/")))
         return metrics
+    trainer.prepare(resume=bool(cfg.resume))
+    commit()
     metrics = trainer.fit(resume=bool(cfg.resume))
     log.info(
         "done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
@@ -151,16 +173,36 @@ def run(
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    buffer = rundir.buffer_logs()
+    committed = False
+
+    def commit() -> None:
+        nonlocal committed
+        rundir.commit(run_dir, cfg, buffer)
+        committed = True
+
     try:
-        metrics = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
+        metrics = run(cfg, run_dir, dict(hc.runtime.choices), commit)
+    except Interrupted as err:
+        print(f"dlrun: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except UserError as err:
+        if not committed:
+            rundir.drop(run_dir, buffer)
         print(f"dlrun: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print(
-            f"dlrun: interrupted; continue with resume=true hydra.run.dir={hc.runtime.output_dir}",
-            file=sys.stderr,
-        )
+        if not committed:
+            rundir.drop(run_dir, buffer)
+            print(
+                "dlrun: interrupted before training started; nothing was written.", file=sys.stderr
+            )
+        else:
+            print(
+                f"dlrun: interrupted; continue with resume=true hydra.run.dir={run_dir}",
+                file=sys.stderr,
+            )
         sys.exit(130)
     return metrics.get("val/acc")  # the objective a Hydra sweeper (e.g. Optuna) maximises
 

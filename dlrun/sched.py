@@ -91,3 +91,8 @@ def onecycle(
         anneal_strategy=anneal_strategy,
         cycle_momentum=False,
     )
+
+
+# resume=true refuses a changed run length for these: their lr curve is laid out over total_steps.
+cosine.needs_total_steps = True  # type: ignore[attr-defined]
+onecycle.needs_total_steps = True  # type: ignore[attr-defined]

@@ -77,8 +77,8 @@ def test_a_run_makes_the_documented_run_folder(data_root: Path, tmp_path: Path) 
             "Checkpoint /nonexistent/last.pt does not exist",
         ),
         (["data=imagefolder"], "data.root must be set for data=imagefolder"),
-        (["data.val_split=-1"], "data.val_split must be >= 0"),
-        (["data.batch_size=0"], "data.batch_size must be a positive integer"),
+        (["data.val_split=-1"], "data.val_split must be a number >= 0, got -1"),
+        (["data.batch_size=0"], "data.batch_size must be an integer >= 1, got 0"),
         (
             ["model.activation=gelu"],
             "The model config could not be built (ValueError: unknown activation 'gelu'",

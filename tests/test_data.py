@@ -79,12 +79,12 @@ def test_missing_data_offline_explains_the_fix(make_cfg, tmp_path) -> None:
 
 
 def test_failed_download_is_reported_with_its_reason(make_cfg, tmp_path, monkeypatch) -> None:
-    from torchvision.datasets import CIFAR10
+    from dlrun.data import cifar10
 
     def offline(*args, **kwargs):
         raise RuntimeError("Error downloading cifar-10-python.tar.gz: no network")
 
-    monkeypatch.setattr(CIFAR10, "__init__", offline)
+    monkeypatch.setattr(cifar10, "download_url", offline)
     with pytest.raises(
         UserError, match="CIFAR-10 was not found.*download failed: Error downloading"
     ):

@@ -161,7 +161,7 @@ def test_gan_config_mistakes_are_user_errors(
 def test_sample_n_must_be_positive(make_cfg, classifier: Path, tmp_path: Path) -> None:
     run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=1"), tmp_path / "train")
     ckpt = tmp_path / "train" / "checkpoints" / "last.pt"
-    with pytest.raises(UserError, match="sample.n must be a positive integer, got 0"):
+    with pytest.raises(UserError, match="sample.n must be an integer >= 1, got 0"):
         run(make_cfg("model=gan", "mode=sample", f"ckpt={ckpt}", "sample.n=0"), tmp_path / "s")
 
 

@@ -58,7 +58,14 @@ class ClassificationData:
         crop_padding: int = 0,
         hflip: bool = False,
         num_workers: int = 0,
+        bad_images: str = "error",
     ) -> None:
+        # num_workers and bad_images are read by the image-folder sources (through data.source);
+        # bad_images is checked here too, so a typo fails even where no image folder is read.
+        if bad_images not in ("error", "skip"):
+            raise UserError(
+                f"data.bad_images={bad_images!r} is not a policy; use one of: error, skip."
+            )
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError(f"data.batch_size must be a positive integer, got {batch_size}.")
         if not 0 <= val_split:

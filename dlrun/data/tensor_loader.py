@@ -59,11 +59,24 @@ class TensorLoader:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iterate()
+
+    def iterate(
+        self, skip: int = 0, rng_state: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The epoch's batches from batch `skip` on: how a run resumed mid-epoch picks up its place.
+
+        The shuffle is drawn first, as in a fresh epoch (so the generator must be at the epoch's
+        starting state); `rng_state` then puts the generator where the interrupted run left it,
+        so the remaining batches get the same crops, flips (and GAN noise) as without the stop.
+        """
         n = len(self.x)
         order = None
         if self.shuffle:
             order = torch.randperm(n, device=self.x.device, generator=self.generator)
-        for start in range(0, n, self.batch_size):
+        if rng_state is not None and self.generator is not None:
+            self.generator.set_state(rng_state)
+        for start in range(skip * self.batch_size, n, self.batch_size):
             idx = (
                 slice(start, start + self.batch_size)
                 if order is None

@@ -1,11 +1,14 @@
 """The one training loop: devices, precision, compile, epochs, evaluation, TensorBoard, checkpoints, resume."""
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,46 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dlrun import checkpoint, introspect
-from dlrun.errors import UserError
+from dlrun.errors import OutOfMemory, TrainingDiverged, UserError, WriteFailed
 from dlrun.tb import HParam, log_config, log_hparams
+from dlrun.trainers.guards import Interrupted, NonFiniteGuard, StopSignals
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TTA = ("none", "flip")
+# What resume=true may change in a run's config: how long it trains, what and how often it logs,
+# where the data and caches live. Anything else would make the continued run a different run.
+RESUMABLE_CHANGES = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.log_every_n_steps",
+    "trainer.progress",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.on_nonfinite",
+    "trainer.sample_every_n_steps",
+    "metrics.every_n_epochs",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.source.cache_dir",
+    "data.source.workers",
+    "resume",
+    "ckpt",
+    "mode",
+)
+
+
+@dataclass
+class EpochProgress:
+    """Where a run is inside an epoch: what a mid-epoch checkpoint needs to continue exactly."""
+
+    rng_start: Tensor | None = None  # the data generator when the epoch began (its shuffle)
+    batch: int = 0  # batches of this epoch done
+    sums: dict[str, Tensor] = field(default_factory=dict)  # up to the last logging point
+    window: dict[str, Tensor] = field(default_factory=dict)  # since the last logging point
+    seen: int = 0
+    window_seen: int = 0
+    elapsed: float = 0.0  # seconds of training in this epoch so far
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -78,6 +115,8 @@ class Trainer:
         tta: str = "none",
         metrics_cfg: Mapping[str, Any] | None = None,  # sample-quality metrics: generative tasks
         log_every_n_steps: int = 50,
+        checkpoint_every_n_steps: int | None = None,
+        on_nonfinite: str = "stop",
         progress: bool | None = None,
     ) -> None:
         if tta not in TTA:
@@ -96,6 +135,7 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.params = sum(p.numel() for p in trainable)
         self.flops = self.count_flops()
+        self.sched_factory = sched
         self.steps_per_epoch = len(self.train_loader())
         self.max_steps = max_steps or max_epochs * self.steps_per_epoch
         self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
@@ -110,15 +150,30 @@ class Trainer:
                 )
         self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
         self.scheduler = next(iter(self.schedulers.values()), None)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.forward_model = torch.compile(self.model) if compile else self.model
         self.log_every = max(1, log_every_n_steps)
+        self.guard = NonFiniteGuard(on_nonfinite, self.log_every, list(self.optimizers), device)
+        fp16 = self.dtype == torch.float16
+        # Skipping a step without a host sync: a GradScaler fixed at scale 1 checks the gradients
+        # and hands a found-inf flag to the (fused) optimizer, which then leaves the weights alone.
+        self.skip_scaler = on_nonfinite == "skip" and not fp16
+        self.scaler = torch.amp.GradScaler(
+            device.type,
+            init_scale=1.0 if self.skip_scaler else 2.0**16,
+            enabled=fp16 or self.skip_scaler,
+        )
+        self.forward_model = torch.compile(self.model) if compile else self.model
+        self.checkpoint_every = checkpoint_every_n_steps
         self.progress = progress
         self.epoch = self.step_count = 0
         self.train_time = 0.0
         self.metrics: dict[str, float] = {}
         self.best: float | None = None
         self.writer: SummaryWriter | None = None
+        self.resumed_progress: EpochProgress | None = None  # set by a mid-epoch resume
+        self.stop = StopSignals()
+        self.phase = "train"  # or "eval": which batch size an out-of-memory message names
+        self.prepared = False
+        self.resumed = False  # True once a checkpoint has been restored
 
     # ----- what a task provides -----------------------------------------------------------------
     def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
@@ -142,6 +197,13 @@ class Trainer:
     def log_start(self, writer: SummaryWriter) -> None:
         """Anything a task logs once at the start of a fresh run (e.g. an image grid)."""
 
+    def extra_state(self) -> dict[str, Any]:
+        """Task state beyond models, optimizers and RNGs that resume needs (e.g. a step counter)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
+
     # ----- helpers for tasks ----------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -158,11 +220,12 @@ class Trainer:
 
     def optimize(self, loss: Tensor, role: str = "model") -> None:
         optimizer, scheduler = self.optimizers[role], self.schedulers[role]
+        self.guard.watch(loss, self.step_count, role)
         optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():  # fp16: scale the loss, unscale and skip steps on overflow
+        if self.scaler.is_enabled():  # fp16 (or on_nonfinite=skip): skip steps with inf/NaN grads
             self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
-            self.scaler.update()
+            self.scaler.update(1.0 if self.skip_scaler else None)
         else:
             loss.backward()
             optimizer.step()
@@ -171,28 +234,67 @@ class Trainer:
             scheduler.step()
 
     # ----- the loop -------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, float]:
+    def prepare(self, resume: bool) -> None:
+        """Every check before the run folder is touched: a resumable checkpoint, or a fresh folder."""
         if self.optimizer is None:
             raise UserError(
                 "There is nothing to train: every parameter is frozen. Freeze fewer stages "
                 "(model.freeze=N or model.freeze=null)."
             )
-        if resume:
-            self._restore(self.run_dir / "checkpoints" / "last.pt")
-        self._open_writer(resume)
-        while self.epoch < self.max_epochs and self.step_count < self.max_steps:
-            self._train_epoch()
-            self.epoch += 1
-            self._log(self.evaluate(self.data.val_loader(), "val"))
-            self._save_checkpoints()
+        saved_config = self.run_dir / ".hydra" / "config.yaml"
+        if resume and not self.last_path.is_file() and saved_config.is_file():
+            # Killed before its first checkpoint: nothing to continue, so start over, same config.
+            saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=False)
+            self._refuse_changes(saved, saved_config)
+            log.warning(
+                "resume=true: %s has no checkpoint yet; starting it from step 0", self.run_dir
+            )
+        elif resume:
+            self._restore(self.last_path)
+            self.resumed = True
+        else:
+            taken = [p.name for p in (self.last_path, self.run_dir / "metrics.json") if p.exists()]
+            if taken:
+                raise UserError(
+                    f"The run folder {self.run_dir} already holds a run ({', '.join(taken)}): a new "
+                    "run would overwrite it. Continue it with resume=true, or give the new run its "
+                    "own folder (leave hydra.run.dir at its default, or pick another)."
+                )
+        self.prepared = True
+
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        if not self.prepared:
+            self.prepare(resume)
+        for torn in self.last_path.parent.glob(".*.tmp*"):  # left by a process killed mid-write
+            torn.unlink(missing_ok=True)
+        self._open_writer(self.resumed)
+        with self.stop:
+            try:
+                while (
+                    self.epoch < self.max_epochs and self.step_count < self.max_steps
+                ) or self.resumed_progress is not None:
+                    if self._train_epoch():
+                        self._stop_now()
+                    self.epoch += 1
+                    self.phase = "eval"
+                    self._log(self.evaluate(self.data.val_loader(), "val"))
+                    self.phase = "train"
+                    self._save_checkpoints()
+                    unfinished = self.epoch < self.max_epochs and self.step_count < self.max_steps
+                    if self.stop.received and unfinished:
+                        self._stop_now(mid_epoch=False)
+            except torch.OutOfMemoryError:
+                raise self._out_of_memory() from None
         self.log_end(self.writer)
         self.writer.close()
         return self.write_metrics()
 
     def _open_writer(self, resume: bool) -> None:
-        # purge_step drops events a killed run logged after its last checkpoint.
+        # purge_step drops events a killed run logged after its last checkpoint (all of them, for
+        # a run killed before its first).
+        old_events = any(self.run_dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(
-            str(self.run_dir), purge_step=self.step_count if resume else None
+            str(self.run_dir), purge_step=self.step_count if old_events else None
         )
         log.info(
             "%s: %d trainable parameters, %s forward FLOPs per image",
@@ -207,26 +309,52 @@ class Trainer:
             self.writer.add_scalar("model/flops", self.flops, 0)
             self.log_start(self.writer)
 
-    def _save_checkpoints(self) -> None:
-        last = self.run_dir / "checkpoints" / "last.pt"
-        checkpoint.save(last, self._state())
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
+        """last.pt (at an epoch end, or mid-epoch with `progress`), and best.pt when val improved."""
+        self._check_finite()  # never replace a good checkpoint with diverged weights
+        checkpoint.save(self.last_path, self._state(progress))
         score = self.metrics.get(self.monitor)
-        if score is not None and not self.higher_is_better:
+        if progress is not None or score is None:
+            return
+        if not self.higher_is_better:
             score = -score  # e.g. FID: lower is better
-        if score is not None and (self.best is None or score > self.best):
+        if self.best is None or score > self.best:
             self.best = score
-            tmp = last.with_name(".best.tmp")
-            shutil.copyfile(last, tmp)
-            tmp.replace(last.with_name("best.pt"))
+            best = self.last_path.with_name("best.pt")
+            tmp = best.with_name(".best.tmp")
+            try:
+                shutil.copyfile(self.last_path, tmp)
+                tmp.replace(best)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise WriteFailed(
+                    f"Could not write {best} ({err.strerror or err}); the previous best.pt is "
+                    f"intact and {self.last_path} is up to date. Free disk space or make the run "
+                    "folder writable, then continue with resume=true."
+                ) from err
 
     def log_end(self, writer: SummaryWriter) -> None:
         """Anything a task logs once when training ends (e.g. what the network learned to see)."""
 
-    def _batches(self) -> Iterator[Any]:
+    def _batches(self, progress: EpochProgress) -> Iterator[Any]:
         loader = self.train_loader()
+        gen = self.data.generator
+        if progress.batch:  # resumed mid-epoch: replay the epoch's shuffle, then skip what ran
+            now = gen.get_state() if gen is not None else None
+            if gen is not None and progress.rng_start is not None:
+                gen.set_state(progress.rng_start)
+            batches = loader.iterate(progress.batch, now)
+        else:
+            progress.rng_start = gen.get_state() if gen is not None else None
+            batches = iter(loader)
         bar = tqdm(
-            loader,
+            batches,
             total=len(loader),
+            initial=progress.batch,
             desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
             disable=(not self.progress) if self.progress is not None else None,
             leave=False,
@@ -234,55 +362,135 @@ class Trainer:
         self._bar = bar
         yield from bar
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> bool:
+        """One epoch (or its rest, after a mid-epoch resume); True if a stop signal cut it short."""
         self.model.train()
-        sums: dict[str, Tensor] = {}  # the epoch so far, up to the last logging point
-        window: dict[str, Tensor] = {}  # since the last logging point; stays on the device
-        seen = window_seen = 0
+        p, self.resumed_progress = self.resumed_progress or EpochProgress(), None
         self._sync()
-        start = time.perf_counter()
-        for batch in self._batches():
-            out = self.step(batch)
-            window_seen += len(batch[0])
-            self.step_count += 1
-            for k, v in out.items():  # one add per value: no host sync, no allocation per step
-                if k in window:
-                    window[k] += v
-                else:
-                    window[k] = v.clone()
-            if self.step_count % self.log_every == 0 or self.step_count >= self.max_steps:
-                seen += window_seen
-                self._flush(window, window_seen, sums, seen / (time.perf_counter() - start))
-                window, window_seen = {}, 0
+        start = time.perf_counter() - p.elapsed
+        for batch in self._batches(p):
             if self.step_count >= self.max_steps:
                 break
-        if window:
-            seen += window_seen
-            for k, v in window.items():
-                sums[k] = sums[k] + v if k in sums else v
+            out = self.step(batch)
+            if self.guard.policy == "skip":
+                out = self.guard.masked(out, self.step_count)
+            p.window_seen += len(batch[0])
+            p.batch += 1
+            self.step_count += 1
+            for k, v in out.items():  # one add per value: no host sync, no allocation per step
+                if k in p.window:
+                    p.window[k] += v
+                else:
+                    p.window[k] = v.clone()
+            if self.step_count % self.log_every == 0 or self.step_count >= self.max_steps:
+                p.seen += p.window_seen
+                self._flush(p, p.seen / (time.perf_counter() - start))
+            if self.step_count >= self.max_steps:
+                break
+            if self.stop.received or (
+                self.checkpoint_every and self.step_count % self.checkpoint_every == 0
+            ):
+                if p.batch < self.steps_per_epoch:  # an epoch end checkpoints anyway
+                    self._sync()
+                    p.elapsed = time.perf_counter() - start
+                    self._save_checkpoints(p)
+                    if self.stop.received:
+                        return True
+        p.seen += p.window_seen
+        for k, v in p.window.items():
+            p.sums[k] = p.sums[k] + v if k in p.sums else v
         self._sync()
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
-        metrics = {f"train/{k}": v.item() / max(1, seen) for k, v in sums.items()}
+        self._check_finite()
+        metrics = {f"train/{k}": v.item() / max(1, p.seen) for k, v in p.sums.items()}
         metrics |= {
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/images_per_s": seen / elapsed,
+            "train/images_per_s": p.seen / max(elapsed, 1e-9),
             "time/epoch_s": elapsed,
             "epoch": float(self.epoch + 1),
         }
+        if self.guard.skipped:
+            metrics["train/skipped_steps"] = float(self.guard.skipped)
         self._log(metrics)
+        return False
 
-    def _flush(
-        self, window: dict[str, Tensor], n: int, sums: dict[str, Tensor], rate: float
-    ) -> None:
+    def _flush(self, p: EpochProgress, rate: float) -> None:
         """Every log_every_n_steps: the one host sync, step scalars to TensorBoard, the bar."""
-        means = {k: v.item() / n for k, v in window.items()}
+        self._check_finite()
+        means = {k: v.item() / p.window_seen for k, v in p.window.items()}
         for k, v in means.items():
             self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step_count)
         self._bar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
-        for k, v in window.items():
-            sums[k] = sums[k] + v if k in sums else v
+        for k, v in p.window.items():
+            p.sums[k] = p.sums[k] + v if k in p.sums else v
+        p.window, p.window_seen = {}, 0
+
+    def _check_finite(self) -> None:
+        """Stop (or count the skipped steps) where a loss was NaN/inf, naming the step."""
+        bad = self.guard.bad_steps(self.step_count)
+        if not bad:
+            return
+        step, role = bad[0]
+        which = "" if role == "model" else f" ({role})"
+        more = (
+            f" and at {len(bad) - 1} more step(s) up to step {bad[-1][0]}" if len(bad) > 1 else ""
+        )
+        if self.guard.policy == "skip":
+            self.guard.skipped += len({s for s, _ in bad})
+            log.warning(
+                "non-finite loss%s at step %d%s: those updates were skipped "
+                "(trainer.on_nonfinite=skip; %d skipped so far)",
+                which, step, more, self.guard.skipped,
+            )  # fmt: skip
+            return
+        saved = _saved_step(self.last_path)
+        kept = (
+            f"The last good checkpoint, {self.last_path} (step {saved}), is untouched"
+            if saved is not None
+            else "No checkpoint had been written yet"
+        )
+        lr = self.optimizer.param_groups[0].get("initial_lr", self.optimizer.param_groups[0]["lr"])
+        fp16 = (
+            " fp16 overflow (use trainer.precision=bf16 or fp32);"
+            if self.dtype == torch.float16
+            else ""
+        )
+        raise TrainingDiverged(
+            f"The loss{which} became NaN or infinite at step {step} (epoch {self.epoch + 1}){more}; "
+            f"training stopped. {kept}. Likely causes: a learning rate too high (optim.lr={lr:g}: "
+            f"try 10x lower);{fp16} a loss that takes log(0); NaN or inf values in the data. Start "
+            f"again from the last good weights with ckpt={self.last_path} and a lower optim.lr, or "
+            "set trainer.on_nonfinite=skip to skip such steps."
+        )
+
+    def _stop_now(self, mid_epoch: bool = True) -> None:
+        name = signal.Signals(self.stop.received).name
+        where = f"epoch {self.epoch + 1}, mid-epoch" if mid_epoch else f"end of epoch {self.epoch}"
+        self.writer.flush()
+        raise Interrupted(
+            f"{name}: stopped after step {self.step_count} ({where}) with a checkpoint in "
+            f"{self.last_path}. Continue with the same options plus resume=true "
+            f"hydra.run.dir={self.run_dir}",
+            self.stop.received,
+        )
+
+    def _out_of_memory(self) -> OutOfMemory:
+        key = "data.eval_batch_size" if self.phase == "eval" else "data.batch_size"
+        size = self.data.eval_batch_size if self.phase == "eval" else self.data.batch_size
+        saved = _saved_step(self.last_path)
+        kept = (
+            f"The checkpoint {self.last_path} (step {saved}) is intact."
+            if saved is not None
+            else "No checkpoint had been written yet."
+        )
+        return OutOfMemory(
+            f"{self.device} ran out of memory at step {self.step_count} ({self.phase}) with "
+            f"{key}={size}. Lower it (e.g. {key}={max(1, size // 2)}), or use "
+            "trainer.precision=bf16, or a smaller model. " + kept + " A smaller batch makes a "
+            "different run: start it from those weights with ckpt=PATH."
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -299,7 +507,7 @@ class Trainer:
             log.info("epoch %d step %d: %s", self.epoch, self.step_count, shown)
 
     # ----- checkpoints and metrics ----------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self, progress: EpochProgress | None = None) -> dict[str, Any]:
         return {
             "model": checkpoint.unwrap(self.model).state_dict(),
             "optimizer": self._roles(self.optimizers),
@@ -313,12 +521,17 @@ class Trainer:
             "metrics": self.metrics,
             "best": self.best,
             "config": self.config,
+            "task": self.extra_state(),
+            "skipped": self.guard.skipped,
+            "progress": None if progress is None else vars(progress),
         }
 
     @staticmethod
     def _roles(objects: Mapping[str, Any]) -> dict[str, Any]:
         """State dicts by role; a single network's stay unnested (the checkpoint format of 1.0)."""
-        states = {role: obj.state_dict() if obj is not None else {} for role, obj in objects.items()}
+        states = {
+            role: obj.state_dict() if obj is not None else {} for role, obj in objects.items()
+        }
         return next(iter(states.values())) if len(states) == 1 else states
 
     def _restore(self, path: Path) -> None:
@@ -329,20 +542,22 @@ class Trainer:
                 "or drop resume=true to start a new run."
             )
         state = checkpoint.load(path)
-        if state.get("max_steps") != self.max_steps:
+        self._refuse_changes(state.get("config", {}), path)
+        if state.get("max_steps") != self.max_steps and self._schedule_needs_length():
             raise UserError(
-                f"resume=true continues the run in {self.run_dir} as it was configured, but its "
-                f"checkpoint plans {state.get('max_steps')} steps and this config {self.max_steps} "
-                "(trainer.max_epochs, trainer.max_steps, data.batch_size or data.train_subset changed). "
-                "Resume with the run's own settings, or start a new run from its weights with ckpt=PATH."
+                f"resume=true with a new length: the run planned {state.get('max_steps')} steps, "
+                f"this config {self.max_steps}, but its schedule (sched={self._sched_name()}) "
+                "is laid out over the planned steps. Keep trainer.max_epochs/max_steps, or start a "
+                f"new run from its weights with ckpt={path}."
             )
-        checkpoint.load_model_state(self.model, state, path)
+        checkpoint.load_model_state(self.model, state, path, config=self.config)
         for key, objects in (("optimizer", self.optimizers), ("scheduler", self.schedulers)):
             saved = state[key] if len(objects) > 1 else {next(iter(objects)): state[key]}
             for role, obj in objects.items():
                 if obj is not None:
                     obj.load_state_dict(saved[role])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"], self.data.generator)
         self.epoch, self.step_count = state["epoch"], state["step"]
         self.train_time, self.metrics, self.best = (
@@ -350,7 +565,45 @@ class Trainer:
             state["metrics"],
             state["best"],
         )
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_count)
+        self.load_extra_state(state.get("task") or {})
+        self.guard.skipped = state.get("skipped", 0)
+        self.guard.checked = self.step_count
+        if state.get("progress"):
+            to_device = functools.partial(_tensors_to, device=self.device)
+            self.resumed_progress = EpochProgress(**to_device(state["progress"]))
+            if self.resumed_progress.rng_start is not None:
+                self.resumed_progress.rng_start = self.resumed_progress.rng_start.cpu()
+        log.info(
+            "resumed from %s at epoch %d, step %d%s",
+            path,
+            self.epoch,
+            self.step_count,
+            f" (batch {self.resumed_progress.batch} of the epoch)" if self.resumed_progress else "",
+        )
+
+    def _refuse_changes(self, saved: Mapping[str, Any], source: Path) -> None:
+        """resume=true must continue the same run: name every setting that differs from it."""
+        changed = checkpoint.config_diff(saved, self.config, RESUMABLE_CHANGES)
+        if not changed:
+            return
+        shown = "; ".join(
+            f"{k}: {_lookup(saved, k)} (run) vs {_lookup(self.config, k)} (now)"
+            for k in changed[:6]
+        )
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise UserError(
+            f"resume=true continues the run in {self.run_dir} as it was configured, but "
+            f"{len(changed)} setting(s) differ: {shown}{more}. Resume with the run's own settings "
+            f"(recorded in {source}), or start a new run from its weights with ckpt=PATH. Only "
+            "trainer.max_epochs/max_steps, logging and data locations may change on resume."
+        )
+
+    def _schedule_needs_length(self) -> bool:
+        """Cosine and one-cycle lay the lr out over the planned steps (dlrun.sched marks them)."""
+        return getattr(getattr(self.sched_factory, "func", None), "needs_total_steps", False)
+
+    def _sched_name(self) -> str:
+        return str(self.config.get("sched", {}).get("_target_", "?")).rsplit(".", 1)[-1]
 
     def write_metrics(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
         """metrics.json: the last value of every logged scalar, plus params, epoch, step, train time."""
@@ -362,5 +615,31 @@ class Trainer:
             "step": self.step_count,
             "time/train_s": self.train_time,
         }
-        (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(out, indent=2, sort_keys=True) + "\n"
+        checkpoint.write_text_atomic(self.run_dir / "metrics.json", text)
         return out
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step of the checkpoint at `path`, for messages; None where there is none."""
+    try:
+        return int(checkpoint.load(path)["step"]) if path.is_file() else None
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return "(absent)"
+        node = node[part]
+    return node
+
+
+def _tensors_to(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _tensors_to(v, device) for k, v in tree.items()}
+    return tree

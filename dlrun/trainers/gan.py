@@ -82,6 +82,12 @@ class GANTrainer(Trainer):
             for role in ("generator", "discriminator")
         }
 
+    def extra_state(self) -> dict[str, Any]:
+        return {"d_steps": self.d_steps}  # WGAN-GP: where in its critic_iters cycle the run is
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.d_steps = int(state.get("d_steps", 0))
+
     def count_flops(self) -> int:  # the generator's, per sample
         return introspect.count_flops(self.model, (self.model.latent_dim,), self.device)
 

@@ -1,0 +1,117 @@
+"""Run folders: one per run even when two start in the same second, written only once a run is valid."""
+
+import itertools
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dlrun.errors import WriteFailed
+
+FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job format
+_MADE: dict[str, Path] = {}  # base name -> the folder this process claimed for it
+_NEW_PARENTS: list[Path] = []  # the folders above it that did not exist before (outputs/<date>)
+
+
+def unique_dir(base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first that this process could create itself.
+
+    `mkdir` without exist_ok is atomic, so of two runs started in the same second (same
+    timestamp, same model and data) exactly one gets `base`. Memoized: Hydra may resolve the
+    run folder more than once, and it must be the same folder every time.
+    """
+    if base not in _MADE:
+        path = Path(base)
+        _NEW_PARENTS.extend(p.resolve() for p in path.parents if not p.exists())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for n in itertools.count():
+                candidate = path if n == 0 else path.with_name(f"{path.name}_{n}")
+                try:
+                    candidate.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as err:
+            raise ValueError(
+                f"dlrun cannot create a run folder under {path.parent.resolve()} "
+                f"({err.strerror or err}). Run from a writable directory or set "
+                "hydra.run.dir=<writable folder>."
+            ) from None
+        _MADE[base] = candidate.resolve()
+    return str(_MADE[base])
+
+
+class CheckRunDir(Callback):
+    """Before Hydra makes the run folder: one that cannot be created is a message, not a traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
+        try:
+            path = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+            path.mkdir(parents=True, exist_ok=True)
+        except Exception as err:  # noqa: BLE001 - OSError, or unique_dir's ValueError inside OmegaConf's
+            reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+            print(
+                f"dlrun: error: cannot create the run folder {config.hydra.run.dir} ({reason}). "
+                "Run from a writable directory or set hydra.run.dir=<a writable folder>.",
+                file=sys.stderr,
+            )
+            sys.exit(WriteFailed.exit_code)
+
+
+def made_here(run_dir: Path) -> bool:
+    return Path(run_dir).resolve() in _MADE.values()
+
+
+def buffer_logs() -> logging.handlers.MemoryHandler:
+    """Hold log records until the run folder is committed (or dropped, on a user error)."""
+    buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(buffer)
+    return buffer
+
+
+def commit(run_dir: Path, cfg: DictConfig, buffer: logging.handlers.MemoryHandler | None) -> None:
+    """The run passed every check: write Hydra's .hydra/ files and start <run>/<job>.log."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            out = run_dir / ".hydra"
+            out.mkdir(exist_ok=True)
+            (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            (out / "hydra.yaml").write_text(OmegaConf.to_yaml(HydraConfig.instance().cfg))
+            (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hc.overrides.task))
+            if buffer is not None:
+                handler = logging.FileHandler(run_dir / f"{hc.job.name}.log")
+                handler.setFormatter(logging.Formatter(FORMAT))
+                buffer.setTarget(handler)
+                buffer.flush()
+                logging.getLogger().addHandler(handler)
+    except OSError as err:
+        raise WriteFailed(
+            f"Cannot write the run folder {run_dir} ({err.strerror or err}). Make it writable, "
+            "free disk space, or choose another folder with hydra.run.dir=PATH."
+        ) from err
+    finally:
+        if buffer is not None:
+            logging.getLogger().removeHandler(buffer)
+
+
+def drop(run_dir: Path, buffer: logging.handlers.MemoryHandler | None) -> None:
+    """A run refused before its commit: forget its log lines, remove the empty folder made for it."""
+    if buffer is not None:
+        buffer.setTarget(None)
+        buffer.buffer.clear()
+        logging.getLogger().removeHandler(buffer)
+    if made_here(run_dir):
+        for folder in [Path(run_dir), *_NEW_PARENTS]:  # deepest first
+            try:
+                folder.rmdir()  # only if empty: never anything that holds files
+            except OSError:
+                break

@@ -1,0 +1,101 @@
+"""What keeps a long run safe: stop signals honoured between steps, non-finite losses caught."""
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import torch
+from torch import Tensor
+
+from dlrun.errors import UserError
+
+log = logging.getLogger(__name__)
+NONFINITE = ("stop", "skip")
+
+
+class Interrupted(UserError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint: exit code 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGTERM / SIGINT set a flag the loop reads after each step; a second signal acts at once.
+
+    A cluster's preemption (SIGTERM) or a Ctrl-C then costs at most the step in flight: the loop
+    finishes it, writes a checkpoint and exits. The handlers are only installed in the main thread
+    (Python allows no other), and the previous ones come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        self._restore()  # a second Ctrl-C / SIGTERM: the default action, for a run that hangs
+        log.warning(
+            "%s received: finishing this step, then writing a checkpoint and stopping "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+class NonFiniteGuard:
+    """Records, on the device, which recent steps had a NaN or infinite loss; read at each sync.
+
+    `watch` costs two tiny kernels and no host sync; `bad_steps` (called where the loop syncs
+    anyway: every log_every_n_steps, before each checkpoint) says which steps were bad.
+    """
+
+    def __init__(self, policy: str, window: int, roles: list[str], device: torch.device) -> None:
+        if policy not in NONFINITE:
+            raise UserError(
+                f"trainer.on_nonfinite must be one of {', '.join(NONFINITE)}, got '{policy}'."
+            )
+        self.policy, self.window, self.roles = policy, window, roles
+        self.finite = torch.ones(window, len(roles), dtype=torch.bool, device=device)
+        self.checked = 0  # the last step whose flag has been read
+        self.skipped = 0
+
+    def watch(self, loss: Tensor, step: int, role: str) -> None:
+        """Flag the loss of 0-based step `step` (no sync)."""
+        slot = self.finite[step % self.window, self.roles.index(role)]
+        slot.logical_and_(torch.isfinite(loss.detach()).all())
+
+    def masked(self, out: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """skip: step `step`'s sums as zeros where its loss was bad, so epoch means stay finite."""
+        ok = self.finite[step % self.window].all()
+        return {k: torch.where(ok, v, torch.zeros_like(v)) for k, v in out.items()}
+
+    def bad_steps(self, step_count: int) -> list[tuple[int, str]]:
+        """(1-based step, role) of every bad loss since the last call; resets the flags."""
+        if step_count <= self.checked:
+            return []
+        bad: list[tuple[int, str]] = []
+        if not bool(self.finite.all()):  # the one sync
+            flags = self.finite.cpu()
+            for step in range(self.checked + 1, step_count + 1):
+                for r, role in enumerate(self.roles):
+                    if not flags[(step - 1) % self.window, r]:
+                        bad.append((step, role))
+            self.finite.fill_(True)
+        self.checked = step_count
+        return bad
