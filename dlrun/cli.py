@@ -1,6 +1,7 @@
 """The `dlrun` command: compose the configs, build every piece, run the mode."""
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -8,10 +9,12 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from dlrun import checkpoint, rundir, transfer, validate
 from dlrun.errors import UserError
@@ -208,4 +211,33 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    _hydra_main()
+    """`dlrun`: Hydra's errors in composing the config become one message and exit code 2 as well.
+
+    Hydra prints a config it cannot compose (a YAML error, an unknown option) itself, sometimes
+    with a traceback; with HYDRA_FULL_ERROR=1 it raises instead, and we print the message. A user
+    who set HYDRA_FULL_ERROR=1 gets Hydra's full traceback, as Hydra documents.
+    """
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        if full:
+            raise
+        cause = err.__cause__
+        detail = str(cause).strip().splitlines()[0] if isinstance(cause, Exception) else ""
+        detail = f" ({type(cause).__name__}: {detail})" if detail else ""
+        print(f"dlrun: error: {one_paragraph(str(err))}{detail}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
+
+
+def one_paragraph(message: str) -> str:
+    """Hydra's multi-line message as one paragraph: list items comma-separated, no search path."""
+    out: list[str] = []
+    for line in message.split("\nConfig search path:")[0].splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("\t") and out and not out[-1].endswith(":"):
+            out[-1] += ","  # the previous line was an item of the same tab-indented list
+        out.append(line.strip())
+    return " ".join(out)

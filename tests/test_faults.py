@@ -376,3 +376,57 @@ def test_a_new_run_never_writes_into_a_folder_that_holds_one(make_cfg, finished:
     with pytest.raises(UserError, match="already holds a run"):
         run(make_cfg(*QUICK, "trainer.max_epochs=1", "sched=none"), finished)
     assert snapshot(finished) == before
+
+
+# ----- 7. bad input never touches an existing run folder -------------------------------------------
+@pytest.fixture(scope="module")
+def existing(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run in its folder: every refused command below must leave it byte for byte."""
+    cwd = tmp_path_factory.mktemp("existing")
+    rc, out = dlrun(
+        *QUICK, "trainer.max_steps=3", "sched=none", "hydra.run.dir=run", data=data, cwd=cwd
+    )
+    assert rc == 0, out
+    return cwd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ["model=resnet999"],
+            2,
+            "Could not find 'model/resnet999' Available options in 'model': airbench, alexnet,",
+        ),
+        (["optim.lr=-0.1"], 2, "optim.lr must be a number >= 0, got -0.1"),
+        (["data.batch_size=0", "trainer.max_epochs=abc"], 2, "2 bad values"),
+        (["data.root=/nonexistent", "data.download=false"], 2, "Data set MNIST was not found"),
+        (["resume=true", "optim.lr=0.5"], 2, "optim.lr: 0.01 (run) vs 0.5 (now)"),
+        (["resume=true", "trainer.max_steps=3", "sched=onecycle"], 2, "sched._target_"),
+        ([], 2, "already holds a run"),
+        (["mode=eval", "ckpt=run/metrics.json"], 2, "could not be read as a dlrun checkpoint"),
+    ],
+)
+def test_a_refused_command_writes_nothing_into_an_existing_run_folder(
+    args: list[str], code: int, message: str, data: Path, existing: Path
+) -> None:
+    before = snapshot(existing / "run")
+    base = [*QUICK, "trainer.max_steps=3", "sched=none", "hydra.run.dir=run"]
+    rc, out = dlrun(*base, *args, data=data, cwd=existing)
+    assert rc == code and message in out and "Traceback" not in out, out
+    assert "\n" not in out[out.index("dlrun: error:") :].strip(), "not one paragraph"
+    assert snapshot(existing / "run") == before
+
+
+def test_configs_are_plain_yaml_a_python_tag_runs_nothing(data: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    extra = tmp_path / "extra" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "evil.yaml").write_text(
+        f"# @package _global_\nseed: !!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    rc, out = dlrun(f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "experiment=evil",
+                    data=data, cwd=tmp_path)  # fmt: skip
+    assert rc != 0 and not marker.exists() and "Traceback" not in out
+    assert "python/object/apply" in out, out

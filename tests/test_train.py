@@ -92,7 +92,7 @@ def test_resume_continues_to_the_same_result(make_cfg, tmp_path: Path, monkeypat
     resumed = run(make_cfg(*QUICK, "trainer.max_epochs=3", "resume=true"), tmp_path / "split")
     assert stable(resumed) == stable(whole)
     assert resumed["epoch"] == 3
-    with pytest.raises(UserError, match="checkpoint plans 12 steps and this config 16"):
+    with pytest.raises(UserError, match="the run planned 12 steps, this config 16"):
         run(make_cfg(*QUICK, "trainer.max_epochs=4", "resume=true"), tmp_path / "split")
 
 

@@ -253,14 +253,18 @@ class Trainer:
             self._restore(self.last_path)
             self.resumed = True
         else:
-            taken = [p.name for p in (self.last_path, self.run_dir / "metrics.json") if p.exists()]
-            if taken:
-                raise UserError(
-                    f"The run folder {self.run_dir} already holds a run ({', '.join(taken)}): a new "
-                    "run would overwrite it. Continue it with resume=true, or give the new run its "
-                    "own folder (leave hydra.run.dir at its default, or pick another)."
-                )
+            self.check_fresh_folder()
         self.prepared = True
+
+    def check_fresh_folder(self) -> None:
+        """A new run never writes over another run's checkpoint or metrics."""
+        taken = [p.name for p in (self.last_path, self.run_dir / "metrics.json") if p.exists()]
+        if taken:
+            raise UserError(
+                f"The run folder {self.run_dir} already holds a run ({', '.join(taken)}): a new "
+                "run would overwrite it. Continue it with resume=true, or give the new run its "
+                "own folder (leave hydra.run.dir at its default, or pick another)."
+            )
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         if not self.prepared:

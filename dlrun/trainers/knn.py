@@ -9,6 +9,11 @@ from dlrun.trainers.classification import ClassificationTrainer
 class KNNTrainer(ClassificationTrainer):
     """Memorise, evaluate, write the run folder: the same contract as a trained classifier."""
 
+    def prepare(self, resume: bool) -> None:
+        if not resume:  # resume: memorising again is the whole "training"
+            self.check_fresh_folder()
+        self.prepared = True
+
     def fit(self, resume: bool = False) -> dict[str, float]:
         self._open_writer(resume=False)  # nothing to resume: memorising is the whole "training"
         self._memorize()
