@@ -253,6 +253,24 @@ def test_on_nonfinite_skip_leaves_the_weights_exactly_as_they_were(
     assert one["step"] == 1 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_gan_whose_discriminator_loss_turns_nan_stops_naming_the_network(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlrun.trainers.gan import GANTrainer
+
+    real = GANTrainer.step
+
+    def step(self: GANTrainer, batch: tuple) -> dict:
+        x, y = batch
+        return real(self, (x * float("nan") if self.step_count == 5 else x, y))
+
+    monkeypatch.setattr(GANTrainer, "step", step)
+    cfg = make_cfg("model=gan", "data.batch_size=50", "trainer.max_steps=8",
+                   "trainer.log_every_n_steps=4", "metrics.fid.features=auto")  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"loss \(generator, discriminator\) became NaN or infinite at step 6"):
+        run(cfg, tmp_path)
+
+
 # ----- 4. out of memory ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("phase", "key"), [("train", "data.batch_size=20"), ("eval", "data.eval_batch_size=1000")]

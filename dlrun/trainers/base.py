@@ -436,11 +436,11 @@ class Trainer:
         bad = self.guard.bad_steps(self.step_count)
         if not bad:
             return
-        step, role = bad[0]
-        which = "" if role == "model" else f" ({role})"
-        more = (
-            f" and at {len(bad) - 1} more step(s) up to step {bad[-1][0]}" if len(bad) > 1 else ""
-        )
+        step = bad[0][0]
+        roles = [r for s, r in bad if s == step and r != "model"]
+        which = f" ({', '.join(roles)})" if roles else ""
+        later = sorted({s for s, _ in bad if s != step})
+        more = f" and at {len(later)} later step(s) up to step {later[-1]}" if later else ""
         if self.guard.policy == "skip":
             self.guard.skipped += len({s for s, _ in bad})
             log.warning(
