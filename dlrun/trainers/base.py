@@ -1,14 +1,10 @@
 """The one training loop: devices, precision, compile, epochs, evaluation, TensorBoard, checkpoints, resume."""
 
 import contextlib
-import functools
-import json
 import logging
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,46 +17,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dlrun import checkpoint, introspect
-from dlrun.errors import OutOfMemory, TrainingDiverged, UserError, WriteFailed
+from dlrun.errors import OutOfMemory, TrainingDiverged, UserError
 from dlrun.tb import HParam, log_config, log_hparams
 from dlrun.trainers.guards import Interrupted, NonFiniteGuard, StopSignals
+from dlrun.trainers.state import EpochProgress, ResumableRun, saved_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TTA = ("none", "flip")
-# What resume=true may change in a run's config: how long it trains, what and how often it logs,
-# where the data and caches live. Anything else would make the continued run a different run.
-RESUMABLE_CHANGES = (
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.log_every_n_steps",
-    "trainer.progress",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.on_nonfinite",
-    "trainer.sample_every_n_steps",
-    "metrics.every_n_epochs",
-    "data.root",
-    "data.download",
-    "data.num_workers",
-    "data.source.cache_dir",
-    "data.source.workers",
-    "resume",
-    "ckpt",
-    "mode",
-)
-
-
-@dataclass
-class EpochProgress:
-    """Where a run is inside an epoch: what a mid-epoch checkpoint needs to continue exactly."""
-
-    rng_start: Tensor | None = None  # the data generator when the epoch began (its shuffle)
-    batch: int = 0  # batches of this epoch done
-    sums: dict[str, Tensor] = field(default_factory=dict)  # up to the last logging point
-    window: dict[str, Tensor] = field(default_factory=dict)  # since the last logging point
-    seen: int = 0
-    window_seen: int = 0
-    elapsed: float = 0.0  # seconds of training in this epoch so far
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -90,7 +54,7 @@ def build_optimizer(optim: Callable[..., Optimizer], params: list[nn.Parameter])
         return optim(params=params)
 
 
-class Trainer:
+class Trainer(ResumableRun):
     """Owns the loop; a task subclass implements `step(batch) -> sums` and `evaluate(loader)`."""
 
     monitor = "val/acc"  # the metric that picks best.pt
@@ -234,38 +198,6 @@ class Trainer:
             scheduler.step()
 
     # ----- the loop -------------------------------------------------------------------------------
-    def prepare(self, resume: bool) -> None:
-        """Every check before the run folder is touched: a resumable checkpoint, or a fresh folder."""
-        if self.optimizer is None:
-            raise UserError(
-                "There is nothing to train: every parameter is frozen. Freeze fewer stages "
-                "(model.freeze=N or model.freeze=null)."
-            )
-        saved_config = self.run_dir / ".hydra" / "config.yaml"
-        if resume and not self.last_path.is_file() and saved_config.is_file():
-            # Killed before its first checkpoint: nothing to continue, so start over, same config.
-            saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=False)
-            self._refuse_changes(saved, saved_config)
-            log.warning(
-                "resume=true: %s has no checkpoint yet; starting it from step 0", self.run_dir
-            )
-        elif resume:
-            self._restore(self.last_path)
-            self.resumed = True
-        else:
-            self.check_fresh_folder()
-        self.prepared = True
-
-    def check_fresh_folder(self) -> None:
-        """A new run never writes over another run's checkpoint or metrics."""
-        taken = [p.name for p in (self.last_path, self.run_dir / "metrics.json") if p.exists()]
-        if taken:
-            raise UserError(
-                f"The run folder {self.run_dir} already holds a run ({', '.join(taken)}): a new "
-                "run would overwrite it. Continue it with resume=true, or give the new run its "
-                "own folder (leave hydra.run.dir at its default, or pick another)."
-            )
-
     def fit(self, resume: bool = False) -> dict[str, float]:
         if not self.prepared:
             self.prepare(resume)
@@ -312,34 +244,6 @@ class Trainer:
             self.writer.add_scalar("model/params", self.params, 0)
             self.writer.add_scalar("model/flops", self.flops, 0)
             self.log_start(self.writer)
-
-    @property
-    def last_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
-
-    def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
-        """last.pt (at an epoch end, or mid-epoch with `progress`), and best.pt when val improved."""
-        self._check_finite()  # never replace a good checkpoint with diverged weights
-        checkpoint.save(self.last_path, self._state(progress))
-        score = self.metrics.get(self.monitor)
-        if progress is not None or score is None:
-            return
-        if not self.higher_is_better:
-            score = -score  # e.g. FID: lower is better
-        if self.best is None or score > self.best:
-            self.best = score
-            best = self.last_path.with_name("best.pt")
-            tmp = best.with_name(".best.tmp")
-            try:
-                shutil.copyfile(self.last_path, tmp)
-                tmp.replace(best)
-            except OSError as err:
-                tmp.unlink(missing_ok=True)
-                raise WriteFailed(
-                    f"Could not write {best} ({err.strerror or err}); the previous best.pt is "
-                    f"intact and {self.last_path} is up to date. Free disk space or make the run "
-                    "folder writable, then continue with resume=true."
-                ) from err
 
     def log_end(self, writer: SummaryWriter) -> None:
         """Anything a task logs once when training ends (e.g. what the network learned to see)."""
@@ -449,7 +353,7 @@ class Trainer:
                 which, step, more, self.guard.skipped,
             )  # fmt: skip
             return
-        saved = _saved_step(self.last_path)
+        saved = saved_step(self.last_path)
         kept = (
             f"The last good checkpoint, {self.last_path} (step {saved}), is untouched"
             if saved is not None
@@ -483,7 +387,7 @@ class Trainer:
     def _out_of_memory(self) -> OutOfMemory:
         key = "data.eval_batch_size" if self.phase == "eval" else "data.batch_size"
         size = self.data.eval_batch_size if self.phase == "eval" else self.data.batch_size
-        saved = _saved_step(self.last_path)
+        saved = saved_step(self.last_path)
         kept = (
             f"The checkpoint {self.last_path} (step {saved}) is intact."
             if saved is not None
@@ -509,141 +413,3 @@ class Trainer:
                 f"{k}={v:.4f}" for k, v in self.metrics.items() if "/" in k and "_s" not in k
             )
             log.info("epoch %d step %d: %s", self.epoch, self.step_count, shown)
-
-    # ----- checkpoints and metrics ----------------------------------------------------------------
-    def _state(self, progress: EpochProgress | None = None) -> dict[str, Any]:
-        return {
-            "model": checkpoint.unwrap(self.model).state_dict(),
-            "optimizer": self._roles(self.optimizers),
-            "scheduler": self._roles(self.schedulers),
-            "scaler": self.scaler.state_dict(),
-            "rng": checkpoint.rng_state(self.data.generator),
-            "epoch": self.epoch,
-            "step": self.step_count,
-            "max_steps": self.max_steps,
-            "train_time": self.train_time,
-            "metrics": self.metrics,
-            "best": self.best,
-            "config": self.config,
-            "task": self.extra_state(),
-            "skipped": self.guard.skipped,
-            "progress": None if progress is None else vars(progress),
-        }
-
-    @staticmethod
-    def _roles(objects: Mapping[str, Any]) -> dict[str, Any]:
-        """State dicts by role; a single network's stay unnested (the checkpoint format of 1.0)."""
-        states = {
-            role: obj.state_dict() if obj is not None else {} for role, obj in objects.items()
-        }
-        return next(iter(states.values())) if len(states) == 1 else states
-
-    def _restore(self, path: Path) -> None:
-        if not path.is_file():
-            raise UserError(
-                f"resume=true found no checkpoint at {path}. Pass the run folder to continue as "
-                "hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/2026-01-01/12-00-00), "
-                "or drop resume=true to start a new run."
-            )
-        state = checkpoint.load(path)
-        self._refuse_changes(state.get("config", {}), path)
-        if state.get("max_steps") != self.max_steps and self._schedule_needs_length():
-            raise UserError(
-                f"resume=true with a new length: the run planned {state.get('max_steps')} steps, "
-                f"this config {self.max_steps}, but its schedule (sched={self._sched_name()}) "
-                "is laid out over the planned steps. Keep trainer.max_epochs/max_steps, or start a "
-                f"new run from its weights with ckpt={path}."
-            )
-        checkpoint.load_model_state(self.model, state, path, config=self.config)
-        for key, objects in (("optimizer", self.optimizers), ("scheduler", self.schedulers)):
-            saved = state[key] if len(objects) > 1 else {next(iter(objects)): state[key]}
-            for role, obj in objects.items():
-                if obj is not None:
-                    obj.load_state_dict(saved[role])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"], self.data.generator)
-        self.epoch, self.step_count = state["epoch"], state["step"]
-        self.train_time, self.metrics, self.best = (
-            state["train_time"],
-            state["metrics"],
-            state["best"],
-        )
-        self.load_extra_state(state.get("task") or {})
-        self.guard.skipped = state.get("skipped", 0)
-        self.guard.checked = self.step_count
-        if state.get("progress"):
-            to_device = functools.partial(_tensors_to, device=self.device)
-            self.resumed_progress = EpochProgress(**to_device(state["progress"]))
-            if self.resumed_progress.rng_start is not None:
-                self.resumed_progress.rng_start = self.resumed_progress.rng_start.cpu()
-        log.info(
-            "resumed from %s at epoch %d, step %d%s",
-            path,
-            self.epoch,
-            self.step_count,
-            f" (batch {self.resumed_progress.batch} of the epoch)" if self.resumed_progress else "",
-        )
-
-    def _refuse_changes(self, saved: Mapping[str, Any], source: Path) -> None:
-        """resume=true must continue the same run: name every setting that differs from it."""
-        changed = checkpoint.config_diff(saved, self.config, RESUMABLE_CHANGES)
-        if not changed:
-            return
-        shown = "; ".join(
-            f"{k}: {_lookup(saved, k)} (run) vs {_lookup(self.config, k)} (now)"
-            for k in changed[:6]
-        )
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        raise UserError(
-            f"resume=true continues the run in {self.run_dir} as it was configured, but "
-            f"{len(changed)} setting(s) differ: {shown}{more}. Resume with the run's own settings "
-            f"(recorded in {source}), or start a new run from its weights with ckpt=PATH. Only "
-            "trainer.max_epochs/max_steps, logging and data locations may change on resume."
-        )
-
-    def _schedule_needs_length(self) -> bool:
-        """Cosine and one-cycle lay the lr out over the planned steps (dlrun.sched marks them)."""
-        return getattr(getattr(self.sched_factory, "func", None), "needs_total_steps", False)
-
-    def _sched_name(self) -> str:
-        return str(self.config.get("sched", {}).get("_target_", "?")).rsplit(".", 1)[-1]
-
-    def write_metrics(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
-        """metrics.json: the last value of every logged scalar, plus params, epoch, step, train time."""
-        out = dict(self.metrics) | dict(extra or {})
-        out |= {
-            "params": self.params,
-            "flops": self.flops,
-            "epoch": self.epoch,
-            "step": self.step_count,
-            "time/train_s": self.train_time,
-        }
-        text = json.dumps(out, indent=2, sort_keys=True) + "\n"
-        checkpoint.write_text_atomic(self.run_dir / "metrics.json", text)
-        return out
-
-
-def _saved_step(path: Path) -> int | None:
-    """The step of the checkpoint at `path`, for messages; None where there is none."""
-    try:
-        return int(checkpoint.load(path)["step"]) if path.is_file() else None
-    except (UserError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return "(absent)"
-        node = node[part]
-    return node
-
-
-def _tensors_to(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _tensors_to(v, device) for k, v in tree.items()}
-    return tree
