@@ -2,16 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dlrun.cli import CONFIG_DIR
-from tests.fixtures import write_idx
 
 
 def dlrun(*args: str, data: Path, cwd: Path, **popen: object) -> subprocess.CompletedProcess:
@@ -93,31 +90,3 @@ def test_user_errors_end_in_a_message_not_a_traceback(
     assert res.returncode != 0
     assert message in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
-
-
-def test_sigkill_in_the_second_epoch_then_resume_gives_the_same_metrics(tmp_path: Path) -> None:
-    data = write_idx(tmp_path / "data", n_train=3000, n_test=200)
-    args = ("model=lenet", "model.activation=relu", "data.batch_size=20", "trainer.max_epochs=4")
-    whole = dlrun(*args, "hydra.run.dir=whole", data=data, cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr
-    env = dict(os.environ, DLRUN_DATA=str(data), DLRUN_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dlrun", *args, "hydra.run.dir=killed"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "metrics.json").exists(), "the run ended before it was killed"
-    resumed = dlrun(*args, "hydra.run.dir=killed", "resume=true", data=data, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "epoch", "step"):
-        assert a[key] == b[key], key
