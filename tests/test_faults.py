@@ -133,6 +133,7 @@ def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(
         steps_at_kill.append(checkpoint.load(last)["step"] if last.is_file() else 0)
         if rc == 0:
             break
+    print(f"{task}: last.pt step after each kill: {steps_at_kill}")
     assert len(steps_at_kill) >= 4 and any(0 < s < 90 for s in steps_at_kill), steps_at_kill
     if not (folder / "metrics.json").exists():
         resume = ("resume=true",) if (folder / ".hydra").is_dir() else ()
