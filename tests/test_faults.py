@@ -193,9 +193,12 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_resume_continues_from_that_step
     assert state["step"] < 3 * steps_per_epoch
     rc, err = dlrun(*args, "hydra.run.dir=run", "resume=true", data=data, cwd=tmp_path)
     assert rc == 0, err
-    assert (
-        f"resumed from {tmp_path / 'run'}/checkpoints/last.pt at epoch {state['epoch']}, step {state['step']}"
-        in err
+    step, epoch = state["step"], state["epoch"]
+    where = (
+        f"epoch {epoch + 1}, batch {step % 150} of 150" if step % 150 else f"end of epoch {epoch}"
+    )
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/last.pt at step {step} ({where})" in err, (
+        err
     )
     assert metrics_of(tmp_path / "run") == references["signalled"]["metrics"]
 
@@ -270,7 +273,10 @@ def test_a_gan_whose_discriminator_loss_turns_nan_stops_naming_the_network(
     monkeypatch.setattr(GANTrainer, "step", step)
     cfg = make_cfg("model=gan", "data.batch_size=50", "trainer.max_steps=8",
                    "trainer.log_every_n_steps=4", "metrics.fid.features=auto")  # fmt: skip
-    with pytest.raises(TrainingDiverged, match=r"loss \(generator, discriminator\) became NaN or infinite at step 6"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"loss \(generator, discriminator\) became NaN or infinite at step 6",
+    ):
         run(cfg, tmp_path)
 
 

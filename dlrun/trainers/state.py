@@ -182,13 +182,12 @@ class ResumableRun:
             self.resumed_progress = EpochProgress(**to_device(state["progress"]))
             if self.resumed_progress.rng_start is not None:
                 self.resumed_progress.rng_start = self.resumed_progress.rng_start.cpu()
-        log.info(
-            "resumed from %s at epoch %d, step %d%s",
-            path,
-            self.epoch,
-            self.step_count,
-            f" (batch {self.resumed_progress.batch} of the epoch)" if self.resumed_progress else "",
+        where = (
+            f"epoch {self.epoch + 1}, batch {self.resumed_progress.batch} of {self.steps_per_epoch}"
+            if self.resumed_progress
+            else f"end of epoch {self.epoch}"
         )
+        log.info("resumed from %s at step %d (%s)", path, self.step_count, where)
 
     def _refuse_changes(self, saved: Mapping[str, Any], source: Path) -> None:
         """resume=true must continue the same run: name every setting that differs from it."""
