@@ -136,7 +136,7 @@ def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(
         if rc == 0:
             break
     print(f"{task}: last.pt step after each kill: {steps_at_kill}")
-    assert len(steps_at_kill) >= 4 and any(0 < s < 90 for s in steps_at_kill), steps_at_kill
+    assert len(steps_at_kill) >= 3 and any(0 < s < 90 for s in steps_at_kill), steps_at_kill
     if not (folder / "metrics.json").exists():
         resume = ("resume=true",) if (folder / ".hydra").is_dir() else ()
         rc, out = dlrun(*args, f"hydra.run.dir={folder}", *resume, data=data, cwd=tmp_path)
