@@ -169,11 +169,19 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_whol
 
 # ----- 2. SIGTERM / SIGINT ------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("task", "signum", "code"),
+    [
+        ("signalled", signal.SIGTERM, 143),
+        ("signalled", signal.SIGINT, 130),
+        ("gan", signal.SIGTERM, 143),
+    ],
+)
 def test_a_stop_signal_checkpoints_mid_epoch_and_resume_continues_from_that_step(
-    signum: int, code: int, data: Path, references: dict, tmp_path: Path
+    task: str, signum: int, code: int, data: Path, references: dict, tmp_path: Path
 ) -> None:
-    args = SIGNALLED
+    args = SIGNALLED if task == "signalled" else TASKS[task]
+    steps_per_epoch = 600 // (4 if task == "signalled" else 20)
     proc = start(*args, "hydra.run.dir=run", data=data, cwd=tmp_path)
     events = tmp_path / "run"
     deadline = time.time() + 120
@@ -187,20 +195,17 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_resume_continues_from_that_step
     assert rc == code, err
     assert "stopped after step" in err and "resume=true" in err and "Traceback" not in err
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
-    steps_per_epoch = 600 // 4
-    if state["step"] % steps_per_epoch:  # mid-epoch: the checkpoint knows where in the epoch
-        assert state["progress"]["batch"] == state["step"] % steps_per_epoch
-    assert state["step"] < 3 * steps_per_epoch
+    step, epoch = state["step"], state["epoch"]
+    assert step < 3 * steps_per_epoch
+    if step % steps_per_epoch:  # mid-epoch: the checkpoint knows where in the epoch it stopped
+        assert state["progress"]["batch"] == step % steps_per_epoch
+        where = f"epoch {epoch + 1}, batch {step % steps_per_epoch} of {steps_per_epoch}"
+    else:
+        where = f"end of epoch {epoch}"
     rc, err = dlrun(*args, "hydra.run.dir=run", "resume=true", data=data, cwd=tmp_path)
     assert rc == 0, err
-    step, epoch = state["step"], state["epoch"]
-    where = (
-        f"epoch {epoch + 1}, batch {step % 150} of 150" if step % 150 else f"end of epoch {epoch}"
-    )
-    assert f"resumed from {tmp_path / 'run'}/checkpoints/last.pt at step {step} ({where})" in err, (
-        err
-    )
-    assert metrics_of(tmp_path / "run") == references["signalled"]["metrics"]
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/last.pt at step {step} ({where})" in err
+    assert metrics_of(tmp_path / "run") == references[task]["metrics"]
 
 
 # ----- 3. NaN / inf loss --------------------------------------------------------------------------
