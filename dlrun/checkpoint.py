@@ -235,12 +235,23 @@ def _shape_config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     )
     if not keys:
         return []
-    shown = [
-        f"{k}: {_value(flat_saved.get(k, _ABSENT))} (checkpoint) vs "
-        f"{_value(flat_now.get(k, _ABSENT))} (this run)"
+    shown = describe_diff(saved, current, keys)
+    return [f"Settings that differ ({len(keys)}): {_listed(shown, 2 * SHOWN)}"]
+
+
+def describe_diff(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: Collection[str],
+    labels: tuple[str, str] = ("checkpoint", "this run"),
+) -> list[str]:
+    """`key: <saved> (<label>) vs <current> (<label>)` for each dotted key, as a message shows it."""
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    return [
+        f"{k}: {_value(flat_saved.get(k, _ABSENT))} ({labels[0]}) vs "
+        f"{_value(flat_now.get(k, _ABSENT))} ({labels[1]})"
         for k in keys
     ]
-    return [f"Settings that differ ({len(keys)}): {_listed(shown, 2 * SHOWN)}"]
 
 
 def _value(value: Any) -> str:

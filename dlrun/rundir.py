@@ -10,12 +10,17 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dlrun.errors import WriteFailed
 
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job format
 _MADE: dict[str, Path] = {}  # base name -> the folder this process claimed for it
 _NEW_PARENTS: list[Path] = []  # the folders above it that did not exist before (outputs/<date>)
+
+
+class RunDirError(ValueError):
+    """unique_dir could not claim a run folder (the message is the user's)."""
 
 
 def unique_dir(base: str) -> str:
@@ -38,11 +43,7 @@ def unique_dir(base: str) -> str:
                 except FileExistsError:
                     continue
         except OSError as err:
-            raise ValueError(
-                f"dlrun cannot create a run folder under {path.parent.resolve()} "
-                f"({err.strerror or err}). Run from a writable directory or set "
-                "hydra.run.dir=<writable folder>."
-            ) from None
+            raise RunDirError(cannot_create(path, err)) from None
         _MADE[base] = candidate.resolve()
     return str(_MADE[base])
 
@@ -55,14 +56,26 @@ class CheckRunDir(Callback):
         try:
             path = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             path.mkdir(parents=True, exist_ok=True)
-        except Exception as err:  # noqa: BLE001 - OSError, or unique_dir's ValueError inside OmegaConf's
-            reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
-            print(
-                f"dlrun: error: cannot create the run folder {config.hydra.run.dir} ({reason}). "
-                "Run from a writable directory or set hydra.run.dir=<a writable folder>.",
-                file=sys.stderr,
-            )
-            sys.exit(WriteFailed.exit_code)
+            return
+        except OSError as err:
+            message = cannot_create(path, err)
+        except OmegaConfBaseException as err:  # unique_dir's error, wrapped by OmegaConf
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, RunDirError):
+                cause = cause.__context__  # OmegaConf re-raises; the original is in the chain
+            message = str(cause or err).splitlines()[0]
+        print(f"dlrun: error: {message}", file=sys.stderr)
+        sys.exit(WriteFailed.exit_code)
+
+
+def cannot_create(path: Path, err: OSError) -> str:
+    """The one-paragraph message for a run folder that mkdir refused."""
+    in_the_way = isinstance(err, FileExistsError | NotADirectoryError)
+    reason = "a file stands where a folder must be" if in_the_way else err.strerror or str(err)
+    return (
+        f"cannot create the run folder {path} ({reason}). Run from a writable directory or set "
+        "hydra.run.dir=<a writable folder>."
+    )
 
 
 def made_here(run_dir: Path) -> bool:

@@ -333,13 +333,16 @@ def test_a_full_disk_fails_the_checkpoint_write_cleanly_and_keeps_the_previous_o
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt"]
 
 
+# A plain folder name, and one through the default `unique_dir` naming (its error comes wrapped).
+@pytest.mark.parametrize("run_dir", ["a_file/run", "${unique_dir:a_file/run}"])
 def test_an_output_folder_that_cannot_be_created_is_a_clear_error(
-    data: Path, tmp_path: Path
+    run_dir: str, data: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "a_file").write_text("not a folder")
-    rc, err = dlrun(*QUICK, "hydra.run.dir=a_file/run", data=data, cwd=tmp_path)
-    assert rc != 0 and "Traceback" not in err
-    assert "a_file/run" in err and ("Not a directory" in err or "cannot" in err.lower())
+    rc, err = dlrun(*QUICK, f"hydra.run.dir={run_dir}", data=data, cwd=tmp_path)
+    assert rc == 5 and "Traceback" not in err, err
+    message = "dlrun: error: cannot create the run folder"
+    assert message in err and "a_file/run (a file stands where a folder must be)" in err, err
 
 
 # ----- 8. runs never overwrite each other ------------------------------------------------------------

@@ -1,6 +1,5 @@
 """Checkpoints of a run and resuming it: what is saved, what resume=true may change, fresh folders."""
 
-import functools
 import json
 import logging
 import shutil
@@ -9,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -177,11 +175,11 @@ class ResumableRun:
         self.load_extra_state(state.get("task") or {})
         self.guard.skipped = state.get("skipped", 0)
         self.guard.checked = self.step_count
-        if state.get("progress"):
-            to_device = functools.partial(_tensors_to, device=self.device)
-            self.resumed_progress = EpochProgress(**to_device(state["progress"]))
-            if self.resumed_progress.rng_start is not None:
-                self.resumed_progress.rng_start = self.resumed_progress.rng_start.cpu()
+        if state.get("progress"):  # a mid-epoch checkpoint: its partial sums go back on the device
+            progress = dict(state["progress"])
+            for part in ("sums", "window"):
+                progress[part] = {k: v.to(self.device) for k, v in progress[part].items()}
+            self.resumed_progress = EpochProgress(**progress)
         where = (
             f"epoch {self.epoch + 1}, batch {self.resumed_progress.batch} of {self.steps_per_epoch}"
             if self.resumed_progress
@@ -194,10 +192,7 @@ class ResumableRun:
         changed = checkpoint.config_diff(saved, self.config, RESUMABLE_CHANGES)
         if not changed:
             return
-        shown = "; ".join(
-            f"{k}: {_lookup(saved, k)} (run) vs {_lookup(self.config, k)} (now)"
-            for k in changed[:6]
-        )
+        shown = "; ".join(checkpoint.describe_diff(saved, self.config, changed[:6], ("run", "now")))
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(
             f"resume=true continues the run in {self.run_dir} as it was configured, but "
@@ -234,20 +229,3 @@ def saved_step(path: Path) -> int | None:
         return int(checkpoint.load(path)["step"]) if path.is_file() else None
     except (UserError, KeyError, TypeError, ValueError):
         return None
-
-
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return "(absent)"
-        node = node[part]
-    return node
-
-
-def _tensors_to(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _tensors_to(v, device) for k, v in tree.items()}
-    return tree
