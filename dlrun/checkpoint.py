@@ -28,21 +28,22 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+def rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
+    """The global RNGs (dropout, init) and the data module's generators (order, augmentation)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["data"] = generator.get_state()
+    state["data"] = {name: gen.get_state() for name, gen in generators.items()}
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "data" in state:
-        generator.set_state(state["data"])
+    for name, gen in generators.items():
+        if name in state.get("data", {}):
+            gen.set_state(state["data"][name])
 
 
 def save(path: Path, state: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The `dlrun` command: compose the configs, build every piece, run the mode."""
+"""The `dlrun` command: compose the configs, build the task's pieces, hand the mode to its trainer."""
 
 import logging
 import os
@@ -16,16 +16,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun import checkpoint, rundir, transfer, validate
+from dlrun import dist, rundir, sweep, validate
 from dlrun.errors import UserError
-from dlrun.models import model_kwargs
+from dlrun.tb import hparams_of
+from dlrun.trainers.base import Trainer
 from dlrun.trainers.guards import Interrupted
 
 log = logging.getLogger("dlrun")
-MODES = ("train", "eval", "sample")
 # The configs live beside the package (DESIGN section 2); an editable install keeps that layout.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 OmegaConf.register_new_resolver("unique_dir", rundir.unique_dir, replace=True)
+# Keys that moved: the old name on the command line ends in one line naming the new one.
+RENAMED = {"model.freeze": "freeze", "metrics.every_n_epochs": "trainer.val_every_n_epochs"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,47 +58,11 @@ def build(node: DictConfig | dict, what: str, **kwargs: Any) -> Any:
         ) from err
 
 
-def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, Any]:
-    """The chosen options and the key hyperparameters, flattened for TensorBoard's HParams tab."""
-    out: dict[str, Any] = {
-        g: str(choices.get(g)) for g in ("model", "data", "loss", "optim", "sched")
-    }
-    out |= {
-        "seed": cfg.seed,
-        "optim.lr": cfg.optim.lr,
-        "optim.weight_decay": cfg.optim.get("weight_decay", 0),
-        "data.batch_size": cfg.data.batch_size,
-        "trainer.max_epochs": cfg.trainer.max_epochs,
-        "trainer.precision": cfg.trainer.precision,
-        "trainer.channels_last": cfg.trainer.get("channels_last", False),
-        "eval.tta": cfg.eval.tta,
-    }
-    for key, value in cfg.model.items():
-        if isinstance(value, int | float | str | bool) and not str(key).startswith("_"):
-            out[f"model.{key}"] = value
-    return out
-
-
-def run(
-    cfg: DictConfig,
-    run_dir: str | Path,
-    choices: Mapping[str, str | None] | None = None,
-    commit: Callable[[], None] | None = None,
-) -> dict:
-    """Everything `dlrun` does after Hydra composed the config; tests call it directly.
-
-    Every check comes before `commit` (which writes .hydra/ and the log file); nothing is written
-    to the run folder before it, so a refused run leaves an existing folder as it was.
-    """
+def build_trainer(
+    cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] | None = None
+) -> Trainer:
+    """Check the config, build data, model and trainer, and set the trainer up: no writes yet."""
     validate.check_config(cfg)
-    if cfg.mode not in MODES:
-        raise UserError(
-            f"mode='{cfg.mode}' is not a mode of this task; use one of: {', '.join(MODES)}."
-        )
-    if cfg.mode in ("eval", "sample") and not cfg.ckpt:
-        raise UserError(
-            f"mode={cfg.mode} needs ckpt=PATH, the checkpoint to use (e.g. <run>/checkpoints/best.pt)."
-        )
     missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
     if missing:
         data = (choices or {}).get("data") or cfg.data.get("name")
@@ -107,69 +73,58 @@ def run(
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    run_dir = Path(run_dir)
-    commit = commit or (lambda: run_dir.mkdir(parents=True, exist_ok=True))
-    log.info("run folder: %s", run_dir.resolve())
-    log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
-
+    log.info("run folder: %s", Path(run_dir).resolve())
+    log.info("TensorBoard: tensorboard --logdir %s", Path(run_dir).resolve())
     data = build(cfg.data, "data")
     with open_dict(cfg):  # image folders know their class count only once read
-        cfg.data.num_classes = data.num_classes
-    data.setup(device, cfg.seed)
-    # model.freeze is a training choice, not a constructor argument: model_kwargs leaves it out.
-    model = build(model_kwargs(cfg.model), "model")
-    if not hasattr(
-        model, "generator"
-    ):  # a GAN's input is noise; its sizes are checked by its trainer
-        shape = (data.channels, data.image_size, data.image_size)
-        validate.check_image_size(
-            model, shape, (choices or {}).get("model") or type(model).__name__
-        )
-    if hasattr(model, "init_from_data"):  # a data-dependent init (airbench's whitening stem)
-        model.init_from_data(data.train_loader().normalize(data.train_x[:5000]).cpu())
-    if cfg.ckpt and cfg.mode == "train" and not cfg.resume:  # start from a checkpoint's weights
-        transfer.load_weights(model, transfer.read_weights(cfg.ckpt), cfg.ckpt)
-    transfer.freeze(model, cfg.model.get("freeze"))
+        cfg.data.num_classes = data.describe()["num_classes"]
+    data.setup(device, cfg.seed, dist.rank())
     # Partial first, then call: instantiate() would copy these live objects into the config.
     trainer = build(cfg.trainer, "trainer", _partial_=True)(
-        model=model,
+        model=build(cfg.model, "model"),
         data=data,
         loss=build(cfg.loss, "loss"),
         optim=build(cfg.optim, "optim"),
         sched=build(cfg.sched, "sched"),
-        run_dir=run_dir,
+        run_dir=Path(run_dir),
         device=device,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
-        tta=cfg.eval.tta,
-        metrics_cfg=OmegaConf.to_container(cfg.metrics, resolve=True),
+        freeze=cfg.get("freeze"),
     )
-    resolved = trainer.config
-    if cfg.mode == "sample":
-        if not hasattr(trainer, "sample"):
-            raise UserError(
-                "mode=sample generates images: it needs a generative model (model=gan, model=dcgan)."
-            )
-        checkpoint.load_model_state(model, checkpoint.load(cfg.ckpt), cfg.ckpt, config=resolved)
-        commit()
-        paths = trainer.sample(int(cfg.sample.n), run_dir / "samples")
-        log.info("wrote %d samples and grid.png to %s", len(paths), run_dir / "samples")
-        return {"samples": float(len(paths))}
-    if cfg.mode == "eval":
-        state = checkpoint.load(cfg.ckpt)
-        checkpoint.load_model_state(model, state, cfg.ckpt, config=resolved)
-        commit()
-        trainer.epoch, trainer.step_count = state.get("epoch", 0), state.get("step", 0)
-        trainer.train_time = state.get("train_time", 0.0)
-        metrics = trainer.write_metrics(trainer.evaluate(data.test_loader(), "test"))
-        log.info(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/")))
-        return metrics
-    trainer.prepare(resume=bool(cfg.resume))
-    commit()
-    metrics = trainer.fit(resume=bool(cfg.resume))
-    log.info(
-        "done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+    trainer.check_mode(cfg.mode, cfg.ckpt)
+    trainer.setup(start_from=cfg.ckpt if cfg.mode == "train" and not cfg.resume else None)
+    return trainer
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    choices: Mapping[str, str | None] | None = None,
+    commit: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Everything `dlrun` does after Hydra composed the config; tests call it directly.
+
+    Every check comes before `commit` (which writes .hydra/ and the log file); nothing is written
+    to the run folder before it, so a refused run leaves an existing folder as it was.
+    """
+    trainer = build_trainer(cfg, run_dir, choices)
+    return _run_mode(trainer, cfg, Path(run_dir), commit)
+
+
+def _run_mode(
+    trainer: Trainer, cfg: DictConfig, run_dir: Path, commit: Callable[[], None] | None
+) -> dict[str, float]:
+    default = lambda: run_dir.mkdir(parents=True, exist_ok=True)  # noqa: E731
+    metrics = trainer.run_mode(
+        cfg.mode,
+        ckpt=cfg.ckpt,
+        resume=bool(cfg.resume),
+        options=OmegaConf.to_container(cfg[cfg.mode], resolve=True) if cfg.mode in cfg else {},
+        commit=(commit or default) if dist.is_main() else (lambda: None),
     )
+    shown = [f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))]
+    log.info("done: %s", ", ".join(shown))
     return metrics
 
 
@@ -185,42 +140,76 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         rundir.commit(run_dir, cfg, buffer)
         committed = True
 
+    trainer = None
     try:
-        metrics = run(cfg, run_dir, dict(hc.runtime.choices), commit)
-    except Interrupted as err:
-        print(f"dlrun: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        trainer = build_trainer(cfg, run_dir, dict(hc.runtime.choices))
+        metrics = _run_mode(trainer, cfg, run_dir, commit)
+    except Interrupted as err:  # a stop signal: the checkpoint is written; a sweep stops too
+        raise Failed(err) from None
     except UserError as err:
         if not committed:
             rundir.drop(run_dir, buffer)
-        print(f"dlrun: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        if not sweep.in_multirun():
+            raise Failed(err) from None
+        sweep.record_failure(run_dir, err)  # the sweep goes on; the sweeper gets the worst value
+        mode = trainer.monitor.mode if trainer else cfg.trainer.get("monitor_mode", "max")
+        return float("-inf") if mode == "max" else float("inf")
     except KeyboardInterrupt:
         if not committed:
             rundir.drop(run_dir, buffer)
-            print(
-                "dlrun: interrupted before training started; nothing was written.", file=sys.stderr
+        raise KeyboardInterrupt(str(run_dir) if committed else "") from None
+    return trainer.monitor.objective(metrics)  # what a Hydra sweeper (e.g. Optuna) optimises
+
+
+class Failed(BaseException):
+    """Carries a UserError past Hydra's job runner (which would print its own line) to main()."""
+
+    def __init__(self, error: UserError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def renamed_key(args: list[str]) -> str | None:
+    """The message for an override that uses a key's old name, if one does."""
+    for arg in args:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in RENAMED:
+            return (
+                f"{key} was renamed to {RENAMED[key]}: use {RENAMED[key]}="
+                f"{arg.split('=', 1)[1] if '=' in arg else 'VALUE'} (see the README's migration notes)."
             )
-        else:
-            print(
-                f"dlrun: interrupted; continue with resume=true hydra.run.dir={run_dir}",
-                file=sys.stderr,
-            )
-        sys.exit(130)
-    return metrics.get("val/acc")  # the objective a Hydra sweeper (e.g. Optuna) maximises
+    return None
 
 
 def main() -> None:
-    """`dlrun`: Hydra's errors in composing the config become one message and exit code 2 as well.
+    """`dlrun`: every failure ends here as one paragraph and its exit code (the only sys.exit).
 
     Hydra prints a config it cannot compose (a YAML error, an unknown option) itself, sometimes
     with a traceback; with HYDRA_FULL_ERROR=1 it raises instead, and we print the message. A user
     who set HYDRA_FULL_ERROR=1 gets Hydra's full traceback, as Hydra documents.
     """
+    renamed = renamed_key(sys.argv[1:])
+    if renamed:
+        print(f"dlrun: error: {renamed}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
+    except Failed as failed:
+        err = failed.error
+        prefix = "dlrun: " if isinstance(err, Interrupted) else "dlrun: error: "
+        print(f"{prefix}{err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt as err:
+        run_dir = err.args[0] if err.args else ""
+        print(
+            f"dlrun: interrupted; continue with resume=true hydra.run.dir={run_dir}"
+            if run_dir
+            else "dlrun: interrupted before training started; nothing was written.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         if full:
             raise

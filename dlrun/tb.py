@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable, Mapping
 
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -25,3 +26,24 @@ def log_hparams(
     exp, ssi, sei = hparams(dict(params), {tag: 0.0 for tag in metrics})
     for summary in (exp, ssi, sei):
         writer.file_writer.add_summary(summary)
+
+
+def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, HParam]:
+    """The chosen options and the key hyperparameters, flattened for TensorBoard's HParams tab."""
+    out: dict[str, HParam] = {
+        g: str(choices.get(g)) for g in ("model", "data", "loss", "optim", "sched")
+    }
+    out |= {
+        "seed": cfg.seed,
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.get("weight_decay", 0),
+        "data.batch_size": cfg.data.batch_size,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+        "trainer.precision": cfg.trainer.get("precision", "fp32"),
+        "trainer.channels_last": cfg.trainer.get("channels_last", False),
+        "eval.tta": cfg.eval.tta,
+    }
+    for key, value in cfg.model.items():
+        if isinstance(value, int | float | str | bool) and not str(key).startswith("_"):
+            out[f"model.{key}"] = value
+    return out

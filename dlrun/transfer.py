@@ -90,10 +90,14 @@ def _by_position(
     return {k: v for k, v in zip(ours, theirs.values(), strict=True)}
 
 
-def freeze(model: nn.Module, spec: str | int | None) -> None:
-    """`backbone`: train only the head; N: freeze the first N stages of `model.features`."""
+def freeze(model: nn.Module, spec: str | int | None) -> list[nn.Module]:
+    """`backbone`: train only the head; N: freeze the first N stages of `model.features`.
+
+    Returns the frozen stages: the trainer keeps them in eval mode, so their BatchNorm statistics
+    stay those of the weights they came with instead of drifting while "frozen".
+    """
     if spec in (None, 0, "none"):
-        return
+        return []
     net = checkpoint.unwrap(model)
     stages = list(getattr(net, "features", nn.Sequential()).children())
     if spec == "backbone":
@@ -102,10 +106,11 @@ def freeze(model: nn.Module, spec: str | int | None) -> None:
         frozen = stages[:spec]
     else:
         raise UserError(
-            f"model.freeze={spec!r} is not a choice: use backbone, or a number of stages from 1 to "
+            f"freeze={spec!r} is not a choice: use backbone, or a number of stages from 1 to "
             f"{len(stages)} ({type(net).__name__} has {len(stages)} stages in model.features), or null."
         )
     for stage in frozen:
         for p in stage.parameters():
             p.requires_grad_(False)
     log.info("froze %d of %d stages", len(frozen), len(stages))
+    return frozen

@@ -11,10 +11,13 @@ import pytest
 from dlrun.cli import CONFIG_DIR
 
 
-def dlrun(*args: str, data: Path, cwd: Path, **popen: object) -> subprocess.CompletedProcess:
+def dlrun(
+    *args: str, data: Path, cwd: Path, env_extra: dict | None = None, **popen: object
+) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, DLRUN_DATA=str(data), DLRUN_CACHE=str(cwd / "cache"), HYDRA_FULL_ERROR="0"
     )
+    env |= env_extra or {}
     return subprocess.run(
         [sys.executable, "-m", "dlrun", *args],
         cwd=cwd,

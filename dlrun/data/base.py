@@ -4,11 +4,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.tensor_loader import TensorLoader
+from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,11 @@ def missing_data(name: str, looked: Sequence[Path], fix: str, reason: str = "") 
 
 
 class ClassificationData:
-    """A classification data set held in tensors: `setup` moves it to the device once."""
+    """A classification data set held in tensors (a `DataModule`): `setup` moves it to the device.
+
+    Batches are {"image": normalised float (B, C, H, W), "label": int64 (B,)}; training shuffles
+    (one randperm per epoch), random-crops with `crop_padding` and flips with `hflip`.
+    """
 
     def __init__(
         self,
@@ -105,7 +112,9 @@ class ClassificationData:
         if eval_subset is not None:  # quick looks on slow machines: the first N evaluation images
             self.val_x, self.val_y = self.val_x[:eval_subset], self.val_y[:eval_subset]
             self.test_x, self.test_y = self.test_x[:eval_subset], self.test_y[:eval_subset]
-        self.generator: torch.Generator | None = None
+        # Filled by setup(); until then loaders draw from torch's global generator.
+        self._generators: dict[str, torch.Generator] = {}
+        self.rank, self.world_size = 0, 1
         log.info(
             "data %s: %d train, %d val (%s split), %d test images of %dx%dx%d, %d classes",
             name,
@@ -119,8 +128,15 @@ class ClassificationData:
             self.num_classes,
         )
 
-    def setup(self, device: torch.device, seed: int) -> None:
-        """Move every split to the device once; the generator drives shuffling and augmentation."""
+    @property
+    def val_is_test(self) -> bool:
+        """True when val/* scores the test split (no val_split): the numbers papers report."""
+        return self.val_name == "test"
+
+    def setup(self, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        """Move every split to the device once and seed the generators (see `DataModule.setup`)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got rank={rank}")
         for attr in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             tensor = getattr(self, attr)
             if device.type == "cuda":  # pinned pages: one DMA transfer, not a staged copy
@@ -128,26 +144,87 @@ class ClassificationData:
             setattr(self, attr, tensor.to(device, non_blocking=True))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the pinned buffers must outlive their copies
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+        order = torch.Generator(device=device).manual_seed(seed)
+        # One process keeps one stream for shuffling and augmentation, the one runs always drew
+        # from, so they reproduce. Ranks must share the order yet augment differently, and an
+        # aug draw on a shared generator would shift that rank's next order: two generators.
+        aug = order
+        if world_size > 1:
+            aug = torch.Generator(device=device).manual_seed(seed + 7919 * (rank + 1))
+        self._generators = {"order": order, "aug": aug}
 
-    def _loader(self, x: Tensor, y: Tensor, train: bool) -> TensorLoader:
+    def generators(self) -> dict[str, torch.Generator]:
+        if not self._generators:
+            raise RuntimeError("call setup() before generators(): they are made on the device")
+        return dict(self._generators)
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        return getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+
+    def _normalize(
+        self, mean: float | Sequence[float] | None, std: float | Sequence[float] | None
+    ) -> Normalize:
+        return Normalize(self.mean if mean is None else mean, self.std if std is None else std)
+
+    def _loader(
+        self, split: str, sampler: Sampler, transforms: Sequence[Transform]
+    ) -> TensorLoader:
+        x, y = self._split(split)
+        gens = self._generators
         return TensorLoader(
-            x,
-            y,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            mean=self.mean,
-            std=self.std,
-            shuffle=train,
-            generator=self.generator,
-            crop_padding=self.crop_padding if train else 0,
-            hflip=self.hflip and train,
+            {"image": x, "label": y},
+            sampler,
+            transforms=transforms,
+            order_generator=gens.get("order"),
+            aug_generator=gens.get("aug"),
         )
 
-    def train_loader(self) -> TensorLoader:
-        return self._loader(self.train_x, self.train_y, train=True)
+    def train_loader(
+        self,
+        *,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        crop: bool = True,
+    ) -> TensorLoader:
+        sampler: Sampler = RandomSampler(len(self.train_x), self.batch_size)
+        if self.world_size > 1:  # every rank draws the same global batch and keeps its slice
+            sampler = ShardedSampler(sampler, self.rank, self.world_size)
+        transforms: list[Transform] = []
+        if crop and self.crop_padding:
+            transforms.append(RandomCrop(padding=self.crop_padding))
+        if self.hflip:
+            transforms.append(RandomHFlip())
+        transforms.append(self._normalize(mean, std))
+        return self._loader("train", sampler, transforms)
 
     def val_loader(self) -> TensorLoader:
-        return self._loader(self.val_x, self.val_y, train=False)
+        sampler = SequentialSampler(len(self.val_x), self.eval_batch_size)
+        return self._loader("val", sampler, [self._normalize(None, None)])
 
     def test_loader(self) -> TensorLoader:
-        return self._loader(self.test_x, self.test_y, train=False)
+        sampler = SequentialSampler(len(self.test_x), self.eval_batch_size)
+        return self._loader("test", sampler, [self._normalize(None, None)])
+
+    def example_batch(
+        self,
+        n: int,
+        split: str = "val",
+        *,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
+        x, y = self._split(split)
+        return {"image": self._normalize(mean, std).normalize(x[:n]), "label": y[:n]}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_shape": tuple(self.train_x.shape[1:]),
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "sizes": {"train": len(self.train_x), "val": len(self.val_x), "test": len(self.test_x)},
+            "val_is_test": self.val_is_test,
+        }

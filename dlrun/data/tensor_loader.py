@@ -1,90 +1,112 @@
-"""A loader over device-resident tensors: index shuffling, whole-batch augmentation, normalization."""
+"""A loader over device-resident tensors: sampled indices, one gather per key, batched transforms."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def random_crop(x: Tensor, padding: int, generator: torch.Generator | None) -> Tensor:
-    """Zero-pad by `padding` and cut a random HxW window per image, for the whole batch at once."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
-    shift = torch.randint(0, 2 * padding + 1, (2, b), device=x.device, generator=generator)
-    rows = shift[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
-    cols = shift[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-def random_hflip(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Mirror a random half of the batch left-right."""
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+from dlrun.data.samplers import Sampler
+from dlrun.data.transforms import Transform
 
 
 class TensorLoader:
-    """Yields normalized float batches from uint8 tensors that already live on the device.
+    """Yields dict batches gathered from tensors that already live on the device.
 
-    No per-sample Python: one randperm per epoch, one gather per batch, augmentation and
-    normalization as a handful of batched kernels.
+    No per-sample Python: the sampler draws the epoch's indices at its start (order generator),
+    each batch is one gather per key, then the transforms run on the whole batch (augmentation
+    generator). `position()` between batches and `iterate(resume=...)` continue an interrupted
+    epoch bit for bit. The two generators may be one and the same object; replay still holds.
     """
 
     def __init__(
         self,
-        x: Tensor,
-        y: Tensor,
+        tensors: dict[str, Tensor],
+        sampler: Sampler,
         *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        shuffle: bool = False,
-        crop_padding: int = 0,
-        hflip: bool = False,
-        generator: torch.Generator | None = None,
+        transforms: Sequence[Transform] = (),
+        groups: Mapping[str, str] | None = None,
+        order_generator: torch.Generator | None = None,
+        aug_generator: torch.Generator | None = None,
     ) -> None:
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.crop_padding, self.hflip = shuffle, crop_padding, hflip
-        self.generator = generator
-        std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-        # (x / 255 - mean) / std == x * scale + shift: one fused multiply-add per batch.
-        self.scale, self.shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        if not tensors:
+            raise ValueError("a TensorLoader needs at least one tensor")
+        self.tensors, self.sampler, self.transforms = tensors, sampler, tuple(transforms)
+        groups = dict(groups or {})
+        unknown = set(groups) - set(tensors)
+        if unknown:
+            raise ValueError(f"groups name keys that are not tensors: {sorted(unknown)}")
+        self.groups = {key: groups.get(key, "main") for key in tensors}
+        sizes: dict[str, int] = {}  # a group indexes every one of its tensors alike
+        for key, tensor in tensors.items():
+            n = sizes.setdefault(self.groups[key], len(tensor))
+            if len(tensor) != n:
+                raise ValueError(
+                    f"tensor {key!r} has {len(tensor)} items but group {self.groups[key]!r} has {n}"
+                )
+        self.device = next(iter(tensors.values())).device
+        self.order_generator, self.aug_generator = order_generator, aug_generator
+        self.batch_size = sampler.batch_size
+        self._start: Tensor | None = None  # order generator state at this epoch's start
+        self._batch = 0  # batches yielded so far this epoch
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
+        return len(self.sampler)
 
-    def normalize(self, x: Tensor) -> Tensor:
-        return torch.addcmul(self.shift, x.float(), self.scale)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
         return self.iterate()
 
-    def iterate(
-        self, skip: int = 0, rng_state: Tensor | None = None
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """The epoch's batches from batch `skip` on: how a run resumed mid-epoch picks up its place.
+    def iterate(self, resume: Mapping[str, Any] | None = None) -> Iterator[dict[str, Tensor]]:
+        """One epoch of batches; with `resume` (what `position()` returned) the rest of that epoch.
 
-        The shuffle is drawn first, as in a fresh epoch (so the generator must be at the epoch's
-        starting state); `rng_state` then puts the generator where the interrupted run left it,
-        so the remaining batches get the same crops, flips (and GAN noise) as without the stop.
+        Resuming draws the epoch again from the order generator's state at its start (the same
+        batches, and the generator ends where the interrupted run's did), then puts the
+        augmentation generator where the interrupted run left it and skips the batches it ran,
+        without gathering or transforming them.
         """
-        n = len(self.x)
-        order = None
-        if self.shuffle:
-            order = torch.randperm(n, device=self.x.device, generator=self.generator)
-        if rng_state is not None and self.generator is not None:
-            self.generator.set_state(rng_state)
-        for start in range(skip * self.batch_size, n, self.batch_size):
-            idx = (
-                slice(start, start + self.batch_size)
-                if order is None
-                else order[start : start + self.batch_size]
+        order, aug = self.order_generator, self.aug_generator
+        if resume is None:
+            self._start = order.get_state() if order is not None else None
+            skip = 0
+        else:
+            self._start = resume["order"]
+            if order is not None and self._start is not None:
+                order.set_state(self._start)
+            skip = int(resume["batch"])
+        self._batch = skip
+        batches = self.sampler.epoch(order, self.device)
+        if resume is not None and aug is not None and resume["aug"] is not None:
+            aug.set_state(resume["aug"])  # after the epoch's draw: the generators may be one
+        return self._batches(batches, skip)
+
+    def _batches(self, batches: list[dict[str, Tensor]], skip: int) -> Iterator[dict[str, Tensor]]:
+        missing = set(self.groups.values()) - set(batches[0]) if batches else set()
+        if missing:
+            raise ValueError(
+                f"the sampler draws index groups {sorted(batches[0])}, not {sorted(missing)}; "
+                "map each tensor key to one of them with `groups`"
             )
-            xb, yb = self.x[idx], self.y[idx]
-            if self.crop_padding:
-                xb = random_crop(xb, self.crop_padding, self.generator)
-            if self.hflip:
-                xb = random_hflip(xb, self.generator)
-            yield self.normalize(xb), yb
+        for indices in batches[skip:]:
+            batch = {key: t[indices[self.groups[key]]] for key, t in self.tensors.items()}
+            for transform in self.transforms:
+                batch = transform(batch, self.aug_generator)
+            # Counted before the yield: while the consumer holds this batch it is done, and
+            # position() must say so (the consumer's own aug draws come after the transforms').
+            self._batch += 1
+            yield batch
+
+    def position(self) -> dict[str, Any]:
+        """Where this epoch stands, between batches: what `iterate(resume=...)` needs.
+
+        Plain ints and CPU uint8 state tensors: saved with torch.save, loaded with
+        weights_only=True. Before any epoch it resumes as a fresh epoch would start.
+        """
+        order, aug = self.order_generator, self.aug_generator
+        start = self._start
+        if start is None and self._batch == 0 and order is not None:
+            start = order.get_state()
+        return {
+            "batch": self._batch,
+            "order": start,
+            "aug": aug.get_state() if aug is not None else None,
+        }

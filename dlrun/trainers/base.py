@@ -1,30 +1,32 @@
-"""The one training loop: devices, precision, compile, epochs, evaluation, TensorBoard, checkpoints, resume."""
+"""The one training loop: devices, precision, compile, steps, evaluation cadence, TensorBoard, checkpoints."""
 
 import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dlrun import checkpoint, introspect
-from dlrun.errors import OutOfMemory, TrainingDiverged, UserError
-from dlrun.tb import HParam, log_config, log_hparams
+from dlrun import checkpoint, dist, introspect, transfer
+from dlrun.errors import UserError
+from dlrun.trainers import messages
 from dlrun.trainers.guards import Interrupted, NonFiniteGuard, StopSignals
+from dlrun.trainers.modes import RunModes
+from dlrun.trainers.monitor import Monitor
+from dlrun.trainers.optimize import Optimization
 from dlrun.trainers.state import EpochProgress, ResumableRun, saved_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TTA = ("none", "flip")
+Sums = Mapping[str, tuple[Tensor, Tensor | int]]  # what a step returns: metric -> (sum, count)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -39,26 +41,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return DTYPES[precision]
 
 
-def build_optimizer(optim: Callable[..., Optimizer], params: list[nn.Parameter]) -> Optimizer:
-    """The optimizer in its fused implementation (one kernel for all parameters) where it has one.
+def batch_items(batch: Mapping[str, Tensor]) -> int:
+    """Items in a dict batch (its first tensor's length): what images/s counts."""
+    return len(next(iter(batch.values())))
 
-    A config that sets `fused` or `foreach` itself is left alone; an optimizer, device or dtype
-    without a fused kernel falls back to torch's default (foreach on CUDA).
+
+class Trainer(RunModes, ResumableRun):
+    """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`.
+
+    It may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
+    `mode_<name>`), state (`extra_state`), start/end logging and a model check. The constructor
+    only stores; `setup()` (after every subclass constructor has run) calls those hooks.
     """
-    chosen = getattr(optim, "keywords", {})
-    if "fused" in chosen or "foreach" in chosen:
-        return optim(params=params)
-    try:
-        return optim(params=params, fused=True)
-    except (TypeError, RuntimeError, ValueError):  # no `fused` argument, or not for these params
-        return optim(params=params)
 
-
-class Trainer(ResumableRun):
-    """Owns the loop; a task subclass implements `step(batch) -> sums` and `evaluate(loader)`."""
-
-    monitor = "val/acc"  # the metric that picks best.pt
-    higher_is_better = True
+    default_monitor: str | None = "val/acc"
 
     def __init__(
         self,
@@ -70,96 +66,98 @@ class Trainer(ResumableRun):
         run_dir: str | Path,
         device: torch.device,
         run_config: Mapping[str, Any],
-        hparams: Mapping[str, HParam],
+        hparams: Mapping[str, Any],
         max_epochs: int = 10,
         max_steps: int | None = None,
         precision: str = "fp32",
         channels_last: bool = False,
         compile: bool = False,
-        tta: str = "none",
-        metrics_cfg: Mapping[str, Any] | None = None,  # sample-quality metrics: generative tasks
         log_every_n_steps: int = 50,
         checkpoint_every_n_steps: int | None = None,
         on_nonfinite: str = "stop",
         progress: bool | None = None,
+        grad_clip: float | None = None,
+        accumulate_grad_batches: int = 1,
+        val_every_n_epochs: int = 1,
+        val_every_n_steps: int | None = None,
+        monitor: str | None = "auto",
+        monitor_mode: str = "max",
+        early_stopping: Mapping[str, Any] | None = None,
+        freeze: str | int | None = None,
     ) -> None:
-        if tta not in TTA:
-            raise UserError(f"eval.tta must be one of {', '.join(TTA)}, got '{tta}'.")
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
-        self.device, self.data = device, data
+        if val_every_n_epochs < 1 or (val_every_n_steps is not None and val_every_n_steps < 1):
+            raise UserError(
+                "trainer.val_every_n_epochs and trainer.val_every_n_steps must be positive "
+                "integers (val_every_n_steps may be null)."
+            )
+        self.device, self.data, self.model = device, data, model
         self.config, self.hparams = dict(run_config), dict(hparams)
         self.run_dir = Path(run_dir)
         self.dtype = resolve_precision(precision, device)
         # NHWC: what tensor cores and oneDNN convolutions want; batches follow in `layout`.
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format)
-        self.tta = tta
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.params = sum(p.numel() for p in trainable)
-        self.flops = self.count_flops()
-        self.sched_factory = sched
-        self.steps_per_epoch = len(self.train_loader())
-        self.max_steps = max_steps or max_epochs * self.steps_per_epoch
-        self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
-        # One optimizer (and schedule) per network role; a single-network task has role "model".
-        self.optimizers: dict[str, Optimizer] = {}
-        self.schedulers: dict[str, LRScheduler | None] = {}
-        for role, params in self.param_groups_by_role().items():
-            if params:  # a model with nothing to train (k-NN) has no optimizer and no schedule
-                opt = self.optimizers[role] = build_optimizer(optim, params)
-                self.schedulers[role] = sched(
-                    opt, total_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch
-                )
-        self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
-        self.scheduler = next(iter(self.schedulers.values()), None)
+        self.optim_factory, self.sched_factory = optim, sched
+        self.requested_steps, self.requested_epochs = max_steps, max_epochs
+        self.compile, self.freeze_spec = compile, freeze
+        self.grad_clip, self.accumulate = grad_clip, accumulate_grad_batches
+        self.on_nonfinite = on_nonfinite
         self.log_every = max(1, log_every_n_steps)
-        self.guard = NonFiniteGuard(on_nonfinite, self.log_every, list(self.optimizers), device)
-        fp16 = self.dtype == torch.float16
-        # Skipping a step without a host sync: a GradScaler fixed at scale 1 checks the gradients
-        # and hands a found-inf flag to the (fused) optimizer, which then leaves the weights alone.
-        self.skip_scaler = on_nonfinite == "skip" and not fp16
-        self.scaler = torch.amp.GradScaler(
-            device.type,
-            init_scale=1.0 if self.skip_scaler else 2.0**16,
-            enabled=fp16 or self.skip_scaler,
-        )
-        self.forward_model = torch.compile(self.model) if compile else self.model
         self.checkpoint_every = checkpoint_every_n_steps
+        self.val_every_epochs, self.val_every_steps = val_every_n_epochs, val_every_n_steps
+        self.monitor = Monitor(monitor, monitor_mode, early_stopping)
         self.progress = progress
         self.epoch = self.step_count = 0
         self.train_time = 0.0
         self.metrics: dict[str, float] = {}
-        self.best: float | None = None
         self.writer: SummaryWriter | None = None
         self.resumed_progress: EpochProgress | None = None  # set by a mid-epoch resume
         self.stop = StopSignals()
         self.phase = "train"  # or "eval": which batch size an out-of-memory message names
-        self.prepared = False
-        self.resumed = False  # True once a checkpoint has been restored
+        self.prepared = self.resumed = self.is_setup = False
+        self.last_eval_step = -1
+        self.frozen_modules: list[nn.Module] = []
 
     # ----- what a task provides -----------------------------------------------------------------
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        """The trainable parameters of each network that gets its own optimizer."""
-        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
+    def roles(self) -> dict[str, nn.Module]:
+        """The task's networks by role; `trainer.compile` wraps each one the task calls."""
+        return {"model": self.model}
+
+    frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
+
+    def role_steps(self, role: str) -> tuple[int, int]:
+        """(total, per epoch) optimizer steps a role takes: what its schedule is laid over."""
+        return self.max_steps, self.steps_per_epoch
+
+    def check_model(self) -> None:
+        """Checks and data-dependent initialisation before the model moves to the device."""
 
     def count_flops(self) -> int:
         """Forward FLOPs of one input, as the run folder reports them."""
-        return introspect.count_flops(self.model, tuple(self.data.val_x.shape[1:]), self.device)
+        shape = tuple(self.data.describe()["input_shape"])
+        return introspect.count_flops(self.model, shape, self.device)
 
     def train_loader(self) -> Any:
         return self.data.train_loader()
 
-    def step(self, batch: Any) -> dict[str, Tensor]:
-        """One optimisation step; returns batch *sums* (detached) to be averaged over the epoch."""
+    def step(self, batch: Mapping[str, Tensor]) -> Sums:
+        """One loop step; returns each metric's (sum, count) over the items it covers, detached."""
         raise NotImplementedError
 
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def logged_metrics(self) -> list[str]:
+        """Tags this task always logs: what the HParams tab declares besides the monitor."""
+        return []
+
     def log_start(self, writer: SummaryWriter) -> None:
         """Anything a task logs once at the start of a fresh run (e.g. an image grid)."""
+
+    def log_end(self, writer: SummaryWriter) -> None:
+        """Anything a task logs once when training ends (e.g. what the network learned to see)."""
 
     def extra_state(self) -> dict[str, Any]:
         """Task state beyond models, optimizers and RNGs that resume needs (e.g. a step counter)."""
@@ -168,36 +166,81 @@ class Trainer(ResumableRun):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` returned."""
 
-    # ----- helpers for tasks ----------------------------------------------------------------------
+    # ----- set-up: after every constructor ------------------------------------------------------
+    def setup(self, start_from: str | None = None) -> None:
+        """Check the model, load starting weights, freeze, place, and build the optimisation."""
+        if self.is_setup:
+            return
+        self.check_model()
+        if start_from:  # ckpt= in training mode: a checkpoint's (or a state dict's) weights
+            transfer.load_weights(self.model, transfer.read_weights(start_from), start_from)
+        self.frozen_modules = transfer.freeze(self.model, self.freeze_spec)
+        self.model.to(self.device, memory_format=self.memory_format)
+        roles = self.roles()
+        trainable = {
+            role: [p for p in module.parameters() if p.requires_grad]
+            for role, module in roles.items()
+            if role not in self.frozen_roles
+        }
+        self.params = sum(p.numel() for ps in trainable.values() for p in ps)
+        self.flops = self.count_flops()
+        self.batches_per_epoch = len(self.train_loader())
+        self.steps_per_epoch = -(-self.batches_per_epoch // self.accumulate)
+        self.max_steps = self.requested_steps or self.requested_epochs * self.steps_per_epoch
+        self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
+        self.opt = Optimization(
+            optim=self.optim_factory,
+            sched=self.sched_factory,
+            params=trainable,
+            role_steps={role: self.role_steps(role) for role in trainable},
+            device=self.device,
+            fp16=self.dtype == torch.float16,
+            skip_nonfinite=self.on_nonfinite == "skip",
+            grad_clip=self.grad_clip,
+            accumulate=self.accumulate,
+        )
+        self.optimizers, self.scaler = self.opt.optimizers, self.opt.scaler
+        self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
+        self.guard = NonFiniteGuard(
+            self.on_nonfinite, self.log_every, list(self.optimizers), self.device
+        )
+        self.nets = {r: torch.compile(m) if self.compile else m for r, m in roles.items()}
+        self.monitor.resolve(self.default_monitor)
+        self.is_setup = True
+
+    # ----- helpers for tasks --------------------------------------------------------------------
+    def net(self, role: str = "model") -> Callable[..., Any]:
+        """The network to call for `role`: compiled when trainer.compile=true."""
+        return self.nets[role]
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def layout(self, x: Tensor) -> Tensor:
-        """An image batch in the model's memory format.
-
-        Not a formality: the batched random crop gathers in NHWC, and a convolution fed an NHWC
-        batch runs NHWC whatever its weights are. A no-op for a batch already in the format.
-        """
+        """An image batch in the model's memory format (the batched crop gathers in NHWC)."""
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def optimize(self, loss: Tensor, role: str = "model") -> None:
-        optimizer, scheduler = self.optimizers[role], self.schedulers[role]
-        self.guard.watch(loss, self.step_count, role)
-        optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():  # fp16 (or on_nonfinite=skip): skip steps with inf/NaN grads
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update(1.0 if self.skip_scaler else None)
-        else:
-            loss.backward()
-            optimizer.step()
-        # Not after the very last step: the schedule ends there, and one-cycle would extrapolate.
-        if scheduler is not None and self.step_count + 1 < self.max_steps:
-            scheduler.step()
+        """Backward and (at an accumulation boundary) one optimizer step of `role`."""
+        self.guard.watch(loss, self.step_count, role, add=self.opt.micro > 0)
+        self.opt.backward_step(loss, role)
 
-    # ----- the loop -------------------------------------------------------------------------------
+    def optimize_closure(self, closure: Callable[[], Tensor], role: str = "model") -> Tensor:
+        """One step of an optimizer that re-evaluates the loss (L-BFGS); returns the loss."""
+        loss = self.opt.closure_step(closure, role)
+        self.guard.watch(loss, self.step_count, role)
+        return loss
+
+    def train_mode(self) -> None:
+        """Trainable roles in train mode; frozen roles and frozen stages in eval mode."""
+        for role, module in self.roles().items():
+            module.train(role not in self.frozen_roles)
+        for module in self.frozen_modules:
+            module.eval()  # BatchNorm statistics of frozen stages stay as loaded
+
+    # ----- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
         if not self.prepared:
             self.prepare(resume)
@@ -206,112 +249,101 @@ class Trainer(ResumableRun):
         self._open_writer(self.resumed)
         with self.stop:
             try:
-                while (
-                    self.epoch < self.max_epochs and self.step_count < self.max_steps
-                ) or self.resumed_progress is not None:
-                    if self._train_epoch():
+                while not self.finished() or self.resumed_progress is not None:
+                    if self._train_epoch() == "signal":
                         self._stop_now()
                     self.epoch += 1
-                    self.phase = "eval"
-                    self._log(self.evaluate(self.data.val_loader(), "val"))
-                    self.phase = "train"
+                    due = self.epoch % self.val_every_epochs == 0 or self.finished()
+                    if due and self.last_eval_step != self.step_count:
+                        self._validate()
                     self._save_checkpoints()
-                    unfinished = self.epoch < self.max_epochs and self.step_count < self.max_steps
-                    if self.stop.received and unfinished:
+                    if self.stop.received and not self.finished():
                         self._stop_now(mid_epoch=False)
             except torch.OutOfMemoryError:
                 raise self._out_of_memory() from None
-        self.log_end(self.writer)
-        self.writer.close()
+        if self.writer is not None:
+            self.log_end(self.writer)
+            self.writer.close()
         return self.write_metrics()
 
-    def _open_writer(self, resume: bool) -> None:
-        # purge_step drops events a killed run logged after its last checkpoint (all of them, for
-        # a run killed before its first).
-        old_events = any(self.run_dir.glob("events.out.tfevents.*"))
-        self.writer = SummaryWriter(
-            str(self.run_dir), purge_step=self.step_count if old_events else None
+    def finished(self) -> bool:
+        return (
+            self.epoch >= self.max_epochs
+            or self.step_count >= self.max_steps
+            or self.monitor.stopped_early
         )
+
+    def _open_writer(self, resume: bool) -> None:
         log.info(
-            "%s: %d trainable parameters, %s forward FLOPs per image",
+            "%s: %d trainable parameters, %s forward FLOPs per item",
             type(checkpoint.unwrap(self.model)).__name__,
             self.params,
             f"{self.flops:,}",
         )
+        if not dist.is_main():  # one process writes TensorBoard
+            return
+        # purge_step drops events a killed run logged after its last checkpoint.
+        old_events = any(self.run_dir.glob("events.out.tfevents.*"))
+        self.writer = SummaryWriter(
+            str(self.run_dir), purge_step=self.step_count if old_events else None
+        )
         if not resume:
-            log_config(self.writer, OmegaConf.to_yaml(self.config))
-            log_hparams(self.writer, self.hparams, [self.monitor, "val/loss"])
-            self.writer.add_scalar("model/params", self.params, 0)
-            self.writer.add_scalar("model/flops", self.flops, 0)
+            self.log_header(self.writer)
             self.log_start(self.writer)
 
-    def log_end(self, writer: SummaryWriter) -> None:
-        """Anything a task logs once when training ends (e.g. what the network learned to see)."""
-
-    def _batches(self, progress: EpochProgress) -> Iterator[Any]:
-        loader = self.train_loader()
-        gen = self.data.generator
-        if progress.batch:  # resumed mid-epoch: replay the epoch's shuffle, then skip what ran
-            now = gen.get_state() if gen is not None else None
-            if gen is not None and progress.rng_start is not None:
-                gen.set_state(progress.rng_start)
-            batches = loader.iterate(progress.batch, now)
-        else:
-            progress.rng_start = gen.get_state() if gen is not None else None
-            batches = iter(loader)
-        bar = tqdm(
-            batches,
-            total=len(loader),
-            initial=progress.batch,
-            desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
-            disable=(not self.progress) if self.progress is not None else None,
-            leave=False,
-        )
-        self._bar = bar
-        yield from bar
-
-    def _train_epoch(self) -> bool:
-        """One epoch (or its rest, after a mid-epoch resume); True if a stop signal cut it short."""
-        self.model.train()
+    def _train_epoch(self) -> str | None:
+        """One epoch (or its rest, after a mid-epoch resume); "signal" if a stop signal cut it."""
+        self.train_mode()
         p, self.resumed_progress = self.resumed_progress or EpochProgress(), None
         self._sync()
         start = time.perf_counter() - p.elapsed
-        for batch in self._batches(p):
+        loader = self.train_loader()
+        batches = loader.iterate(p.position if p.batch else None)
+        n_batches = len(loader)
+        for batch in self._bar(batches, n_batches, p.batch):
             if self.step_count >= self.max_steps:
                 break
-            out = self.step(batch)
+            boundary = (p.batch + 1) % self.accumulate == 0 or p.batch + 1 == n_batches
+            self.opt.begin(boundary)
+            out = dict(self.step(batch))
+            self.opt.end()
+            for role, norm in self.opt.grad_norms.items():
+                out["grad_norm" if role == "model" else f"grad_norm_{role}"] = (norm, 1)
             if self.guard.policy == "skip":
                 out = self.guard.masked(out, self.step_count)
-            p.window_seen += len(batch[0])
             p.batch += 1
+            p.window_seen += batch_items(batch)
+            p.add(out)
+            if not boundary:
+                continue
             self.step_count += 1
-            for k, v in out.items():  # one add per value: no host sync, no allocation per step
-                if k in p.window:
-                    p.window[k] += v
-                else:
-                    p.window[k] = v.clone()
             if self.step_count % self.log_every == 0 or self.step_count >= self.max_steps:
                 p.seen += p.window_seen
                 self._flush(p, p.seen / (time.perf_counter() - start))
             if self.step_count >= self.max_steps:
                 break
-            if self.stop.received or (
-                self.checkpoint_every and self.step_count % self.checkpoint_every == 0
-            ):
-                if p.batch < self.steps_per_epoch:  # an epoch end checkpoints anyway
-                    self._sync()
-                    p.elapsed = time.perf_counter() - start
-                    self._save_checkpoints(p)
-                    if self.stop.received:
-                        return True
+            val_due = self.val_every_steps and self.step_count % self.val_every_steps == 0
+            if val_due and p.batch < n_batches:  # an epoch end evaluates anyway
+                self._sync()
+                start += self._validate()  # evaluation time is not training time
+                self.train_mode()
+                if self.monitor.stopped_early:
+                    break
+            stop = dist.any_rank(self.stop.received is not None, self.device)
+            ckpt_due = self.checkpoint_every and self.step_count % self.checkpoint_every == 0
+            if (stop or ckpt_due or val_due) and p.batch < n_batches:
+                self._sync()
+                p.elapsed, p.position = time.perf_counter() - start, loader.position()
+                self._save_checkpoints(p)
+                if stop:
+                    return "signal"
         p.seen += p.window_seen
-        for k, v in p.window.items():
-            p.sums[k] = p.sums[k] + v if k in p.sums else v
+        p.fold()
         self._sync()
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
         self._check_finite()
-        metrics = {f"train/{k}": v.item() / max(1, p.seen) for k, v in p.sums.items()}
+        metrics = {f"train/{k}": v for k, v in p.means(p.sums, p.counts).items()}
         metrics |= {
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/images_per_s": p.seen / max(elapsed, 1e-9),
@@ -321,92 +353,93 @@ class Trainer(ResumableRun):
         if self.guard.skipped:
             metrics["train/skipped_steps"] = float(self.guard.skipped)
         self._log(metrics)
-        return False
+        return None
+
+    def _bar(self, batches: Iterable[Any], total: int, initial: int) -> Any:
+        self._pbar = tqdm(
+            batches,
+            total=total,
+            initial=initial,
+            desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
+            disable=(not self.progress) if self.progress is not None else None,
+            leave=False,
+        )
+        return self._pbar
 
     def _flush(self, p: EpochProgress, rate: float) -> None:
         """Every log_every_n_steps: the one host sync, step scalars to TensorBoard, the bar."""
         self._check_finite()
-        means = {k: v.item() / p.window_seen for k, v in p.window.items()}
-        for k, v in means.items():
-            self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
-        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step_count)
-        self._bar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
-        for k, v in p.window.items():
-            p.sums[k] = p.sums[k] + v if k in p.sums else v
-        p.window, p.window_seen = {}, 0
+        means = p.means(p.window, p.window_counts)
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"train/{k}_step", v, self.step_count)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.writer.add_scalar("train/lr", lr, self.step_count)
+        self._pbar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
+        p.fold()
+
+    def _validate(self) -> float:
+        """Evaluate on the validation loader, log, update the monitor; returns the seconds spent."""
+        began = time.perf_counter()
+        self.phase = "eval"
+        metrics = self.evaluate(self.data.val_loader(), "val")
+        self.phase = "train"
+        self._log(metrics)
+        self.last_eval_step = self.step_count
+        self.monitor.update(metrics, self.step_count, self.data.describe().get("val_is_test"))
+        return time.perf_counter() - began
 
     def _check_finite(self) -> None:
         """Stop (or count the skipped steps) where a loss was NaN/inf, naming the step."""
         bad = self.guard.bad_steps(self.step_count)
         if not bad:
             return
-        step = bad[0][0]
-        roles = [r for s, r in bad if s == step and r != "model"]
-        which = f" ({', '.join(roles)})" if roles else ""
-        later = sorted({s for s, _ in bad if s != step})
-        more = f" and at {len(later)} later step(s) up to step {later[-1]}" if later else ""
         if self.guard.policy == "skip":
             self.guard.skipped += len({s for s, _ in bad})
             log.warning(
-                "non-finite loss%s at step %d%s: those updates were skipped "
-                "(trainer.on_nonfinite=skip; %d skipped so far)",
-                which, step, more, self.guard.skipped,
+                "non-finite loss at step %d: %d update(s) skipped so far "
+                "(trainer.on_nonfinite=skip)", bad[0][0], self.guard.skipped,
             )  # fmt: skip
             return
-        saved = saved_step(self.last_path)
-        kept = (
-            f"The last good checkpoint, {self.last_path} (step {saved}), is untouched"
-            if saved is not None
-            else "No checkpoint had been written yet"
-        )
-        lr = self.optimizer.param_groups[0].get("initial_lr", self.optimizer.param_groups[0]["lr"])
-        fp16 = (
-            " fp16 overflow (use trainer.precision=bf16 or fp32);"
-            if self.dtype == torch.float16
-            else ""
-        )
-        raise TrainingDiverged(
-            f"The loss{which} became NaN or infinite at step {step} (epoch {self.epoch + 1}){more}; "
-            f"training stopped. {kept}. Likely causes: a learning rate too high (optim.lr={lr:g}: "
-            f"try 10x lower);{fp16} a loss that takes log(0); NaN or inf values in the data. Start "
-            f"again from the last good weights with ckpt={self.last_path} and a lower optim.lr, or "
-            "set trainer.on_nonfinite=skip to skip such steps."
+        group = self.optimizer.param_groups[0]
+        raise messages.diverged(
+            bad,
+            self.epoch + 1,
+            self.last_path,
+            saved_step(self.last_path),
+            group.get("initial_lr", group["lr"]),
+            self.dtype == torch.float16,
         )
 
     def _stop_now(self, mid_epoch: bool = True) -> None:
-        name = signal.Signals(self.stop.received).name
+        name = signal.Signals(self.stop.received or signal.SIGTERM).name
         where = f"epoch {self.epoch + 1}, mid-epoch" if mid_epoch else f"end of epoch {self.epoch}"
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
         raise Interrupted(
             f"{name}: stopped after step {self.step_count} ({where}) with a checkpoint in "
             f"{self.last_path}. Continue with the same options plus resume=true "
             f"hydra.run.dir={self.run_dir}",
-            self.stop.received,
+            self.stop.received or signal.SIGTERM,
         )
 
-    def _out_of_memory(self) -> OutOfMemory:
-        key = "data.eval_batch_size" if self.phase == "eval" else "data.batch_size"
-        size = self.data.eval_batch_size if self.phase == "eval" else self.data.batch_size
-        saved = saved_step(self.last_path)
-        kept = (
-            f"The checkpoint {self.last_path} (step {saved}) is intact."
-            if saved is not None
-            else "No checkpoint had been written yet."
-        )
-        return OutOfMemory(
-            f"{self.device} ran out of memory at step {self.step_count} ({self.phase}) with "
-            f"{key}={size}. Lower it (e.g. {key}={max(1, size // 2)}), or use "
-            "trainer.precision=bf16, or a smaller model. " + kept + " A smaller batch makes a "
-            "different run: start it from those weights with ckpt=PATH."
-        )
+    def _out_of_memory(self) -> UserError:
+        evaluating = self.phase == "eval"
+        key = "data.eval_batch_size" if evaluating else "data.batch_size"
+        size = self.data.eval_batch_size if evaluating else self.data.batch_size
+        return messages.out_of_memory(
+            str(self.device), self.step_count, self.phase, key, size, self.last_path,
+            saved_step(self.last_path),
+        )  # fmt: skip
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _log(self, metrics: Mapping[str, float]) -> None:
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, self.step_count)
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, self.step_count)
         self.metrics.update(metrics)
         if any(k.startswith("val/") for k in metrics):
             shown = ", ".join(

@@ -1,5 +1,6 @@
 """Image classification: cross-entropy / hinge training, accuracy, best.pt by val/acc."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -7,39 +8,52 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from dlrun import introspect
+from dlrun import introspect, validate
 from dlrun.errors import UserError
 from dlrun.losses import Objective
-from dlrun.trainers.base import Trainer
+from dlrun.trainers.base import Sums, Trainer
+
+TTA = ("none", "flip")
 
 
 class ClassificationTrainer(Trainer):
-    """Trains `model(x) -> logits` against integer labels."""
+    """Trains `model(image) -> logits` against integer labels."""
 
-    def __init__(self, *, loss: Objective, **kwargs: Any) -> None:
+    def __init__(self, *, loss: Objective, tta: str = "none", **kwargs: Any) -> None:
         if not isinstance(loss, Objective):
             raise UserError(
                 f"loss={getattr(loss, 'name', type(loss).__name__)} is not a classification loss; "
                 "a classifier trains with loss=cross_entropy or loss=hinge."
             )
+        if tta not in TTA:
+            raise UserError(f"eval.tta must be one of {', '.join(TTA)}, got '{tta}'.")
         super().__init__(**kwargs)
-        self.loss = loss
+        self.loss, self.tta = loss, tta
         self.aux_weight = float(getattr(self.model, "aux_weight", 0.0))
 
-    def step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        x, y = batch
+    def check_model(self) -> None:
+        info = self.data.describe()
+        name = self.hparams.get("model") or type(self.model).__name__
+        validate.check_image_size(self.model, tuple(info["input_shape"]), str(name))
+        if hasattr(self.model, "init_from_data"):  # a data-dependent init (airbench's whitening)
+            self.model.init_from_data(self.data.example_batch(5000, "train")["image"].cpu())
+
+    def logged_metrics(self) -> list[str]:
+        return ["val/acc", "val/loss", "train/loss", "train/acc"]
+
+    def step(self, batch: Mapping[str, Tensor]) -> Sums:
+        x, y = batch["image"], batch["label"]
         with self.autocast():
-            out = self.forward_model(
-                self.layout(x)
-            )  # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
+            # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
+            out = self.net()(self.layout(x))
             logits, *aux = out if isinstance(out, tuple) else (out,)
             loss = self.loss(logits, y)
         total = loss + self.loss.penalty(self.model) if self.loss.l1 or self.loss.l2 else loss
         if aux:  # the auxiliary classifiers' losses, weighted as the model says (0.3 in the paper)
             total = total + self.aux_weight * sum(self.loss(a, y) for a in aux)
         self.optimize(total)
-        # Sums, not means: the loop divides by the number of images once per epoch.
-        return {"loss": loss.detach() * len(y), "acc": (logits.argmax(1) == y).sum()}
+        b = len(y)  # per image: the loop divides each sum by its count once per epoch
+        return {"loss": (loss.detach() * b, b), "acc": ((logits.argmax(1) == y).sum(), b)}
 
     @torch.no_grad()
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
@@ -47,7 +61,8 @@ class ClassificationTrainer(Trainer):
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
-        for x, y in loader:
+        for batch in loader:
+            x, y = batch["image"], batch["label"]
             with self.autocast():
                 logits = self.predict(self.layout(x))
             loss_sum += self.loss(logits.float(), y) * len(y)
@@ -57,14 +72,14 @@ class ClassificationTrainer(Trainer):
 
     def predict(self, x: Tensor) -> Tensor:
         """Evaluation logits; with eval.tta=flip, the mean over the image and its mirror."""
-        logits = self.forward_model(x)
+        logits = self.net()(x)
         if self.tta == "flip":
-            logits = (logits + self.forward_model(x.flip(3))) / 2
+            logits = (logits + self.net()(x.flip(3))) / 2
         return logits
 
     def log_start(self, writer: SummaryWriter) -> None:
-        # The stored uint8 images, not a loader batch: drawing one would advance the data RNG.
-        images = self.data.train_x[:32].float() / 255
+        # Stored images, not a loader batch: drawing one would advance the data RNG.
+        images = self.data.example_batch(32, "train", mean=[0.0], std=[1.0])["image"]
         writer.add_image("train/images", make_grid(images, nrow=8), 0)
         self.log_inside(writer)
 
@@ -76,7 +91,7 @@ class ClassificationTrainer(Trainer):
         filters = introspect.first_conv_filters(self.model)
         if filters is not None:
             writer.add_image("inside/filters", filters, self.step_count)
-        image = self.data.train_loader().normalize(self.data.val_x[:1])[0]
+        image = self.data.example_batch(1, "val")["image"][0]
         for name, fmap in introspect.stage_outputs(self.model, image):
             writer.add_image(
                 f"inside/features_{name}", introspect.feature_grid(fmap), self.step_count

@@ -2,6 +2,7 @@
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +13,28 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 
-from dlrun import checkpoint, introspect, metrics
-from dlrun.data.tensor_loader import TensorLoader
+from dlrun import checkpoint, introspect
+from dlrun import metrics as metrics_lib
 from dlrun.errors import UserError
 from dlrun.gan_losses import GANObjective, gradient_penalty
 from dlrun.models import model_kwargs
-from dlrun.trainers.base import Trainer
+from dlrun.trainers.base import Sums, Trainer
 
 log = logging.getLogger(__name__)
 FEATURES = ("auto", "inception", "ckpt")
 
 
 class GANTrainer(Trainer):
-    """Trains `model.generator` against `model.discriminator`, one optimizer each."""
+    """Trains the `generator` role against the `discriminator` role, one optimizer each."""
 
-    higher_is_better = False  # best.pt: the lowest FID
+    modes = ("train", "eval", "sample")
 
     def __init__(
         self,
         *,
         loss: Any,
         sample_every_n_steps: int = 500,
-        metrics_cfg: dict[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(loss, GANObjective):
@@ -47,12 +48,18 @@ class GANTrainer(Trainer):
                 f"The GAN trainer needs a GAN model (model=gan or model=dcgan), not "
                 f"{type(model).__name__}."
             )
+        if kwargs.get("accumulate_grad_batches", 1) != 1:
+            raise UserError(
+                "trainer.accumulate_grad_batches must be 1 for a GAN: its generator step "
+                "back-propagates through the discriminator, whose accumulating gradients it "
+                "would corrupt."
+            )
+        super().__init__(**kwargs)
         self.loss = loss
         self.sample_every = max(1, sample_every_n_steps)
-        cfg = metrics_cfg or {}
+        cfg = dict(metrics or {})
         self.metric_n = int(cfg.get("n", 2000))
-        self.metric_every = max(1, int(cfg.get("every_n_epochs", 1)))
-        fid = cfg.get("fid", {}) or {}
+        fid = dict(cfg.get("fid") or {})
         self.feature_kind, self.feature_ckpt = fid.get("features", "auto"), fid.get("ckpt")
         if self.feature_kind not in FEATURES:
             raise UserError(
@@ -64,23 +71,35 @@ class GANTrainer(Trainer):
                 "metrics.fid.features=ckpt needs metrics.fid.ckpt=PATH: a dlrun classifier "
                 "checkpoint trained on the same data (e.g. from dlrun model=lenet data=mnist)."
             )
-        super().__init__(**kwargs)
         self.gan = checkpoint.unwrap(self.model)
         self.d_steps = 0
         gen = torch.Generator(device=self.device).manual_seed(1234)
         self.fixed_noise = self.gan.sample_latent(64, self.device, gen)  # the same grid all run
         self.extractor: Any = None
-        self.classifier: metrics.ClassifierFeatures | None = None
+        self.classifier: metrics_lib.ClassifierFeatures | None = None
         self.real_features: Tensor | None = None
-        self.monitor = "val/fid_classifier" if self.feature_kind == "ckpt" else "val/fid"
 
     # ----- what the base loop asks of a task ------------------------------------------------------
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        gan = checkpoint.unwrap(self.model)
-        return {
-            role: [p for p in getattr(gan, role).parameters() if p.requires_grad]
-            for role in ("generator", "discriminator")
-        }
+    @property
+    def default_monitor(self) -> str:  # type: ignore[override]
+        return "val/fid_classifier" if self.feature_kind == "ckpt" else "val/fid"
+
+    def roles(self) -> dict[str, nn.Module]:
+        return {"generator": self.gan.generator, "discriminator": self.gan.discriminator}
+
+    def role_steps(self, role: str) -> tuple[int, int]:
+        """The generator steps once per `critic_iters` critic steps: its schedule spans those."""
+        if role == "generator":
+            k = self.loss.critic_iters
+            return max(1, self.max_steps // k), max(1, self.steps_per_epoch // k)
+        return self.max_steps, self.steps_per_epoch
+
+    def logged_metrics(self) -> list[str]:
+        tags = ["train/loss_d", "train/loss_g"]
+        if self._ensure_features():
+            tag = "_classifier" if self.extractor is self.classifier else ""
+            tags += [f"val/fid{tag}", f"val/kid{tag}"]
+        return tags
 
     def extra_state(self) -> dict[str, Any]:
         return {"d_steps": self.d_steps}  # WGAN-GP: where in its critic_iters cycle the run is
@@ -89,79 +108,68 @@ class GANTrainer(Trainer):
         self.d_steps = int(state.get("d_steps", 0))
 
     def count_flops(self) -> int:  # the generator's, per sample
-        return introspect.count_flops(self.model, (self.model.latent_dim,), self.device)
+        return introspect.count_flops(self.model, (self.gan.latent_dim,), self.device)
 
-    def train_loader(self) -> TensorLoader:
+    def train_loader(self) -> Any:
         """Real images scaled to [-1, 1], the generator's tanh range, whatever data.mean/std say."""
-        c = self.data.channels
-        return TensorLoader(
-            self.data.train_x,
-            self.data.train_y,
-            batch_size=self.data.batch_size,
-            mean=[0.5] * c,
-            std=[0.5] * c,
-            shuffle=True,
-            hflip=self.data.hflip,
-            generator=self.data.generator,
-        )
+        c = self.data.describe()["input_shape"][0]
+        return self.data.train_loader(mean=[0.5] * c, std=[0.5] * c)
 
-    def step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        real, _ = batch
+    def step(self, batch: Mapping[str, Tensor]) -> Sums:
+        real = batch["image"]
         b = len(real)
-        d, g = self.gan.discriminator, self.gan.generator
-        z = self.gan.sample_latent(b, self.device, self.data.generator)
+        d, g = self.net("discriminator"), self.net("generator")
+        aug = self.data.generators()["aug"]
+        z = self.gan.sample_latent(b, self.device, aug)
         with self.autocast():
-            fake = g(z)
+            fake = g(z)  # once per step: the generator's BatchNorm statistics move once
             d_real, d_fake = d(real), d(fake.detach())
             d_loss = self.loss.d(d_real.float(), d_fake.float())
-        out = {"loss_d": d_loss.detach() * b}
+        out: dict[str, tuple[Tensor, int]] = {"loss_d": (d_loss.detach() * b, b)}
         if self.loss.gp_weight:
-            gp = gradient_penalty(d, real, fake.float(), self.data.generator)
+            # The plain critic: torch.compile has no double backward, which the penalty takes.
+            gp = gradient_penalty(self.gan.discriminator, real, fake.float(), aug)
             d_loss = d_loss + self.loss.gp_weight * gp
-            out["gp"] = gp.detach() * b
-            out["wasserstein"] = (d_real.mean() - d_fake.mean()).detach().float() * b
+            out["gp"] = (gp.detach() * b, b)
+            out["wasserstein"] = ((d_real.mean() - d_fake.mean()).detach().float() * b, b)
         self.optimize(d_loss, "discriminator")
         self.d_steps += 1
         as_prob = torch.sigmoid if self.loss.probabilities else (lambda t: t)
-        out["d_x"] = as_prob(d_real.detach().float()).sum()
-        out["d_g_z"] = as_prob(d_fake.detach().float()).sum()
+        out["d_x"] = (as_prob(d_real.detach().float()).sum(), b)
+        out["d_g_z"] = (as_prob(d_fake.detach().float()).sum(), b)
         # WGAN-GP: one generator step per `critic_iters` critic steps, each on a fresh real batch.
         if self.d_steps % self.loss.critic_iters == 0:
             with self.autocast():
-                g_loss = self.loss.g(d(g(z)).float())
+                g_loss = self.loss.g(d(fake).float())  # the same fakes, through the updated D
             self.optimize(g_loss, "generator")
-            # x critic_iters: summed over G steps only, it still averages to the mean G loss.
-            out["loss_g"] = g_loss.detach() * b * self.loss.critic_iters
+            out["loss_g"] = (g_loss.detach() * b, b)  # averaged over generator steps only
         if (self.step_count + 1) % self.sample_every == 0:
             self._log_samples(self.step_count + 1)
         return out
 
     @torch.no_grad()
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
-        """FID / KID against real test images, every metrics.every_n_epochs and at the end."""
-        last = self.epoch >= self.max_epochs or self.step_count >= self.max_steps
-        if prefix == "val" and self.epoch % self.metric_every and not last:
-            return {}
+        """FID / KID against real test images (when trainer.val_every_n_* says, and at the end)."""
         if not self._ensure_features():
             return {}
         fake = self.generate(self.metric_n, seed=4321)
         feats = self.extractor(fake)
         tag = "_classifier" if self.extractor is self.classifier else ""
         out = {
-            f"{prefix}/fid{tag}": metrics.fid_from_features(feats, self.real_features),
-            f"{prefix}/kid{tag}": metrics.kid_from_features(
+            f"{prefix}/fid{tag}": metrics_lib.fid_from_features(feats, self.real_features),
+            f"{prefix}/kid{tag}": metrics_lib.kid_from_features(
                 feats, self.real_features, generator=torch.Generator().manual_seed(0)
             ),
         }
         if self.classifier is not None:  # mode coverage: which classes the samples fall into
             labels = self.classifier.logits(fake).argmax(1)
-            cover = metrics.mode_coverage(labels, self.data.num_classes)
+            cover = metrics_lib.mode_coverage(labels, self.data.describe()["num_classes"])
             out[f"{prefix}/mode_coverage"] = float(cover["coverage"])
             out[f"{prefix}/mode_evenness"] = float(cover["evenness"])
         return out
 
     def log_start(self, writer: SummaryWriter) -> None:
-        images = self.data.train_x[:64].float() / 255
+        images = self.data.example_batch(64, "train", mean=[0.0], std=[1.0])["image"]
         writer.add_image("train/real_images", make_grid(images, nrow=8), 0)
         self._log_samples(0)
 
@@ -204,23 +212,23 @@ class GANTrainer(Trainer):
         if self.feature_kind == "ckpt":
             self.extractor = self.classifier
         elif self.feature_kind == "inception":
-            self.extractor = metrics.InceptionFeatures(self.device)
+            self.extractor = metrics_lib.InceptionFeatures(self.device)
         else:  # auto: Inception where its weights can be had, else the classifier, else none
             try:
-                self.extractor = metrics.InceptionFeatures(self.device)
+                self.extractor = metrics_lib.InceptionFeatures(self.device)
             except UserError as err:
                 self.extractor = self.classifier
                 if self.extractor is None:
                     log.warning("no FID/KID for this run: %s", err)
                     self.feature_kind = "none"
                     return False
-        real = self.data.val_x[: self.metric_n].float() / 127.5 - 1
+        real = self.data.example_batch(self.metric_n, "val", mean=[0.5], std=[0.5])["image"]
         self.real_features = self.extractor(real)
-        if self.extractor is self.classifier:
-            self.monitor = "val/fid_classifier"
+        if self.extractor is self.classifier and self.monitor.name == "val/fid":
+            self.monitor.name = "val/fid_classifier"
         return True
 
-    def _load_classifier(self, path: Path) -> metrics.ClassifierFeatures:
+    def _load_classifier(self, path: Path) -> metrics_lib.ClassifierFeatures:
         state = checkpoint.load(path)
         cfg = state.get("config", {})
         if "model" not in cfg or "data" not in cfg:
@@ -234,10 +242,17 @@ class GANTrainer(Trainer):
         net = instantiate(model_kwargs(OmegaConf.create(cfg["model"])))
         checkpoint.load_model_state(net, state, path)
         net = net.to(self.device).eval()
-        return metrics.ClassifierFeatures(net, cfg["data"]["mean"], cfg["data"]["std"])
+        return metrics_lib.ClassifierFeatures(net, cfg["data"]["mean"], cfg["data"]["std"])
+
+    def mode_sample(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
+        """mode=sample: sample.n PNG files and grid.png in <run>/sample/."""
+        out_dir = self.output_dir("sample")
+        paths = self.sample(int(options.get("n", 64)), out_dir)
+        log.info("wrote %d samples and grid.png to %s", len(paths), out_dir)
+        return {"samples": float(len(paths))}
 
     def sample(self, n: int, out_dir: Path) -> list[Path]:
-        """mode=sample: n PNG files and a grid (grid.png) in out_dir."""
+        """n PNG files and a grid (grid.png) in out_dir."""
         if n < 1:
             raise UserError(f"sample.n must be a positive integer, got {n}.")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from types import FrameType
 import torch
 from torch import Tensor
 
+from dlrun import dist
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class NonFiniteGuard:
         self.checked = 0  # the last step whose losses have been read
         self.skipped = 0
 
-    def watch(self, loss: Tensor, step: int, role: str) -> None:
-        """Keep the loss of 0-based step `step` (no sync)."""
-        self.slots[step % self.window][role].copy_(loss.detach())
+    def watch(self, loss: Tensor, step: int, role: str, add: bool = False) -> None:
+        """Keep the loss of 0-based step `step` (no sync); `add`: a later accumulated batch of it."""
+        slot = self.slots[step % self.window][role]
+        slot.add_(loss.detach()) if add else slot.copy_(loss.detach())
 
     def masked(self, out: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """skip: step `step`'s sums as zeros where its loss was bad, so epoch means stay finite."""
@@ -92,7 +94,8 @@ class NonFiniteGuard:
             return []
         bad: list[tuple[int, str]] = []
         finite = torch.isfinite(self.losses)
-        if not bool(finite.all()):  # the one sync
+        # The one sync; under DDP one rank's NaN stops (or skips on) every rank alike.
+        if dist.any_rank(not bool(finite.all()), self.losses.device):
             flags = finite.cpu()
             for step in range(self.checked + 1, step_count + 1):
                 for r, role in enumerate(self.roles):

@@ -18,15 +18,16 @@ class KNNTrainer(ClassificationTrainer):
         self._open_writer(resume=False)  # nothing to resume: memorising is the whole "training"
         self._memorize()
         self.epoch = 1
-        self._log(self.evaluate(self.data.val_loader(), "val"))
+        self._validate()
         self._save_checkpoints()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         return self.write_metrics()
 
     def _memorize(self) -> None:
-        loader = self.data.train_loader()
         # Normalised exactly as the evaluation batches are, without augmentation.
-        unwrap(self.model).memorize(loader.normalize(self.data.train_x), self.data.train_y)
+        batch = self.data.example_batch(self.data.describe()["sizes"]["train"], "train")
+        unwrap(self.model).memorize(batch["image"], batch["label"])
 
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
         if unwrap(self.model).memory.numel() == 0:

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from dlrun import checkpoint
+from dlrun import checkpoint, dist
 from dlrun.errors import UserError, WriteFailed
 
 log = logging.getLogger(__name__)
+# 2: data modules (order and augmentation generators, loader positions), metric counts, monitor.
+FORMAT = 2
 # What resume=true may change in a run's config: how long it trains, what and how often it logs,
 # where the data and caches live. Anything else would make the continued run a different run.
 RESUMABLE_CHANGES = (
@@ -25,7 +28,6 @@ RESUMABLE_CHANGES = (
     "trainer.checkpoint_every_n_steps",
     "trainer.on_nonfinite",
     "trainer.sample_every_n_steps",
-    "metrics.every_n_epochs",
     "data.root",
     "data.download",
     "data.num_workers",
@@ -41,13 +43,46 @@ RESUMABLE_CHANGES = (
 class EpochProgress:
     """Where a run is inside an epoch: what a mid-epoch checkpoint needs to continue exactly."""
 
-    rng_start: Tensor | None = None  # the data generator when the epoch began (its shuffle)
     batch: int = 0  # batches of this epoch done
+    position: dict[str, Any] | None = None  # the train loader's position() (order, aug RNGs)
     sums: dict[str, Tensor] = field(default_factory=dict)  # up to the last logging point
+    counts: dict[str, Any] = field(default_factory=dict)  # items each sum covers (int or Tensor)
     window: dict[str, Tensor] = field(default_factory=dict)  # since the last logging point
-    seen: int = 0
+    window_counts: dict[str, Any] = field(default_factory=dict)
+    seen: int = 0  # items (images) trained on: images/s
     window_seen: int = 0
     elapsed: float = 0.0  # seconds of training in this epoch so far
+
+    def add(self, out: Mapping[str, tuple[Tensor, Any]]) -> None:
+        """One step's (sum, count) per metric; in-place adds: no host sync, no allocation."""
+        for k, (value, count) in out.items():
+            if k in self.window:
+                self.window[k] += value
+                self.window_counts[k] = self.window_counts[k] + count
+            else:
+                self.window[k] = value.clone()
+                self.window_counts[k] = count.clone() if isinstance(count, Tensor) else count
+
+    def fold(self) -> None:
+        """The window into the epoch's sums (at each logging point and at the epoch's end)."""
+        for k, v in self.window.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            n = self.window_counts[k]
+            self.counts[k] = self.counts[k] + n if k in self.counts else n
+        self.window, self.window_counts, self.window_seen = {}, {}, 0
+
+    @staticmethod
+    def means(sums: Mapping[str, Tensor], counts: Mapping[str, Any]) -> dict[str, float]:
+        """Each metric's mean over the items it counted (the host sync); none for a zero count."""
+        totals = {k: dist.all_reduce_sum(v.clone()) if dist.initialized() else v for k, v in sums.items()}
+        out = {}
+        for k, v in totals.items():
+            n = counts[k]
+            n = float(dist.all_reduce_sum(torch.as_tensor(n, device=v.device).clone())) if dist.initialized() else n
+            n = n.item() if isinstance(n, Tensor) else n
+            if n:
+                out[k] = v.item() / n
+        return out
 
 
 class ResumableRun:
@@ -58,7 +93,7 @@ class ResumableRun:
         if self.optimizer is None:
             raise UserError(
                 "There is nothing to train: every parameter is frozen. Freeze fewer stages "
-                "(model.freeze=N or model.freeze=null)."
+                "(freeze=N or freeze=null)."
             )
         saved_config = self.run_dir / ".hydra" / "config.yaml"
         if resume and not self.last_path.is_file() and saved_config.is_file():
@@ -90,56 +125,50 @@ class ResumableRun:
         return self.run_dir / "checkpoints" / "last.pt"
 
     def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
-        """last.pt (at an epoch end, or mid-epoch with `progress`), and best.pt when val improved."""
+        """last.pt (at an epoch end, or mid-epoch with `progress`); best.pt when the monitor improved."""
         self._check_finite()  # never replace a good checkpoint with diverged weights
-        checkpoint.save(self.last_path, self._state(progress))
-        score = self.metrics.get(self.monitor)
-        if progress is not None or score is None:
+        state = self._state(progress)  # every rank takes part (its RNG states)
+        if not dist.is_main():
             return
-        if not self.higher_is_better:
-            score = -score  # e.g. FID: lower is better
-        if self.best is None or score > self.best:
-            self.best = score
-            best = self.last_path.with_name("best.pt")
-            tmp = best.with_name(".best.tmp")
-            try:
-                shutil.copyfile(self.last_path, tmp)
-                tmp.replace(best)
-            except OSError as err:
-                tmp.unlink(missing_ok=True)
-                raise WriteFailed(
-                    f"Could not write {best} ({err.strerror or err}); the previous best.pt is "
-                    f"intact and {self.last_path} is up to date. Free disk space or make the run "
-                    "folder writable, then continue with resume=true."
-                ) from err
+        checkpoint.save(self.last_path, state)
+        if not self.monitor.improved:
+            return
+        self.monitor.improved = False
+        best = self.last_path.with_name("best.pt")
+        tmp = best.with_name(".best.tmp")
+        try:
+            shutil.copyfile(self.last_path, tmp)
+            tmp.replace(best)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise WriteFailed(
+                f"Could not write {best} ({err.strerror or err}); the previous best.pt is "
+                f"intact and {self.last_path} is up to date. Free disk space or make the run "
+                "folder writable, then continue with resume=true."
+            ) from err
 
     # ----- checkpoints and metrics ----------------------------------------------------------------
     def _state(self, progress: EpochProgress | None = None) -> dict[str, Any]:
+        # Every rank's RNG states (its augmentation generator differs), in rank order.
+        rngs = dist.gather_objects(checkpoint.rng_state(self.data.generators()))
         return {
+            "format": FORMAT,
             "model": checkpoint.unwrap(self.model).state_dict(),
-            "optimizer": self._roles(self.optimizers),
-            "scheduler": self._roles(self.schedulers),
-            "scaler": self.scaler.state_dict(),
-            "rng": checkpoint.rng_state(self.data.generator),
+            **self.opt.state_dict(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "epoch": self.epoch,
             "step": self.step_count,
             "max_steps": self.max_steps,
             "train_time": self.train_time,
             "metrics": self.metrics,
-            "best": self.best,
+            "monitor": self.monitor.state_dict(),
+            "last_eval_step": self.last_eval_step,
             "config": self.config,
             "task": self.extra_state(),
             "skipped": self.guard.skipped,
             "progress": None if progress is None else vars(progress),
         }
-
-    @staticmethod
-    def _roles(objects: Mapping[str, Any]) -> dict[str, Any]:
-        """State dicts by role; a single network's stay unnested (the checkpoint format of 1.0)."""
-        states = {
-            role: obj.state_dict() if obj is not None else {} for role, obj in objects.items()
-        }
-        return next(iter(states.values())) if len(states) == 1 else states
 
     def _restore(self, path: Path) -> None:
         if not path.is_file():
@@ -149,6 +178,14 @@ class ResumableRun:
                 "or drop resume=true to start a new run."
             )
         state = checkpoint.load(path)
+        if state.get("format", 1) < FORMAT:
+            raise UserError(
+                f"resume=true: {path} was written by an earlier dlrun (checkpoint format "
+                f"{state.get('format', 1)}, before data modules), whose data-order and "
+                f"augmentation states this version cannot continue exactly. Its weights still "
+                f"work: evaluate it with mode=eval ckpt={path}, or start a new run from them "
+                f"with ckpt={path}."
+            )
         self._refuse_changes(state.get("config", {}), path)
         if state.get("max_steps") != self.max_steps and self._schedule_needs_length():
             raise UserError(
@@ -158,30 +195,33 @@ class ResumableRun:
                 f"new run from its weights with ckpt={path}."
             )
         checkpoint.load_model_state(self.model, state, path, config=self.config)
-        for key, objects in (("optimizer", self.optimizers), ("scheduler", self.schedulers)):
-            saved = state[key] if len(objects) > 1 else {next(iter(objects)): state[key]}
-            for role, obj in objects.items():
-                if obj is not None:
-                    obj.load_state_dict(saved[role])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"], self.data.generator)
+        self.opt.load_state_dict(state, state["step"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        same_world = len(ranks) == dist.world_size()
+        checkpoint.set_rng_state(ranks[dist.rank()] if same_world else ranks[0], self.data.generators())
+        if not same_world:
+            log.warning(
+                "resumed with %d processes from a run of %d: the data order continues, the "
+                "augmentation draws do not repeat exactly", dist.world_size(), len(ranks),
+            )  # fmt: skip
         self.epoch, self.step_count = state["epoch"], state["step"]
-        self.train_time, self.metrics, self.best = (
-            state["train_time"],
-            state["metrics"],
-            state["best"],
-        )
+        self.train_time, self.metrics = state["train_time"], state["metrics"]
+        self.monitor.load_state_dict(state.get("monitor") or {})
+        self.last_eval_step = state.get("last_eval_step", -1)
         self.load_extra_state(state.get("task") or {})
         self.guard.skipped = state.get("skipped", 0)
         self.guard.checked = self.step_count
         if state.get("progress"):  # a mid-epoch checkpoint: its partial sums go back on the device
             progress = dict(state["progress"])
-            for part in ("sums", "window"):
-                progress[part] = {k: v.to(self.device) for k, v in progress[part].items()}
+            for part in ("sums", "window", "counts", "window_counts"):
+                progress[part] = {
+                    k: v.to(self.device) if isinstance(v, Tensor) else v
+                    for k, v in progress[part].items()
+                }
             self.resumed_progress = EpochProgress(**progress)
         where = (
-            f"epoch {self.epoch + 1}, batch {self.resumed_progress.batch} of {self.steps_per_epoch}"
+            f"epoch {self.epoch + 1}, batch {self.resumed_progress.batch} of "
+            f"{self.batches_per_epoch}"
             if self.resumed_progress
             else f"end of epoch {self.epoch}"
         )
@@ -219,7 +259,8 @@ class ResumableRun:
             "time/train_s": self.train_time,
         }
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
-        checkpoint.write_text_atomic(self.run_dir / "metrics.json", text)
+        if dist.is_main():
+            checkpoint.write_text_atomic(self.run_dir / "metrics.json", text)
         return out
 
 

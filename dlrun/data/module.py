@@ -1,0 +1,77 @@
+"""The data module protocol: all that trainers and the CLI know about data.
+
+A new task adds its data as one class with these members (configs/data/<name>.yaml names it
+with `_target_`), and touches nothing else: decode once into tensors, move them to the device in
+`setup`, and build `TensorLoader`s from a sampler (random, P x K, unpaired, sharded), key-aware
+transforms and the module's two generators. Batches are dicts of tensors ("image", "label",
+"mask", "boxes", "image_b", ...); the task's trainer reads the keys it needs.
+
+Data larger than memory fits the same protocol: its loaders may be any iterable of dict batches
+with `__len__`, `iterate(resume)` and `position()` (a DataLoader wrapper whose position is the
+batch count plus its generators' states), so trainers do not tell the two apart.
+"""
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from dlrun.data.tensor_loader import TensorLoader
+
+
+class DataModule(Protocol):
+    name: str
+    batch_size: int  # the global batch: with several ranks each trains on its share
+    eval_batch_size: int
+
+    def setup(self, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        """Move the data to `device` and seed the generators.
+
+        The order generator is seeded with `seed` on every rank, so all ranks draw the same
+        global batches. One process uses that generator for augmentation too (the stream dlrun
+        always drew from, so earlier runs reproduce); with world_size > 1 augmentation gets its
+        own generator, seeded seed + 7919 * (rank + 1), different on every rank.
+        """
+        ...
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """{"order": ..., "aug": ...} (possibly one object twice): checkpoints save their states."""
+        ...
+
+    def train_loader(
+        self,
+        *,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        crop: bool = True,
+    ) -> TensorLoader:
+        """Shuffled, augmented training batches; mean/std (a scalar: every channel) override the
+        data's normalisation (a GAN's [-1, 1]: 0.5 and 0.5), crop=False leaves out random crops (a GAN must not
+        learn padding borders) and keeps the other augmentation."""
+        ...
+
+    def val_loader(self) -> TensorLoader:
+        """Validation batches in order, normalised, not augmented."""
+        ...
+
+    def test_loader(self) -> TensorLoader:
+        """Test batches in order, normalised, not augmented."""
+        ...
+
+    def example_batch(
+        self,
+        n: int,
+        split: str = "val",
+        *,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
+        """The first n items of "train", "val" or "test", normalised (mean 0, std 1: [0, 1]
+        images), not augmented; draws nothing from the generators."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """{"name", "input_shape": (C, H, W), "num_classes", "classes",
+        "sizes": {"train": n, "val": n, "test": n}, "val_is_test": bool}."""
+        ...

@@ -1,0 +1,64 @@
+"""Distributed concerns in one place: rank, world size, the main process, all-reduces.
+
+Without `torch.distributed` initialised (every run today) each function is the one-process
+answer, so the loop calls them unconditionally: summing metrics, OR-ing the NaN and stop flags,
+writing files on the main process only. A DDP launcher (torchrun) initialises the process group
+before the run starts and the same calls then span every rank.
+"""
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    """The process that writes: run folder, TensorBoard, checkpoints, metrics.json."""
+    return rank() == 0
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum over ranks, in place (a metric's sum or count); the tensor itself on one process."""
+    if initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true on any rank: a NaN seen or a stop signal received by one stops all."""
+    if not initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """One picklable object from every rank, in rank order (e.g. each rank's RNG states)."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """The main process's `obj` on every rank (e.g. the run folder rank 0 claimed)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,78 @@
+"""A task's modes (`mode=train|eval|sample|...`): the CLI dispatches, the trainer offers them.
+
+Contract for every mode but `train`: it needs `ckpt=PATH` (its weights are loaded into the
+task's model before the run folder is written), reads its options from the config node of the
+same name (`sample.n`, later `translate.input`, `predict.input`), and writes what it produces
+under `<run>/<mode>/`. A task adds a mode by listing it in `modes` and defining `mode_<name>`.
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from dlrun import checkpoint
+from dlrun.errors import UserError
+from dlrun.tb import log_config, log_hparams
+
+log = logging.getLogger(__name__)
+
+
+class RunModes:
+    """The mode side of `Trainer`: dispatch, `eval`, the run folder's outputs, TensorBoard header."""
+
+    modes: tuple[str, ...] = ("train", "eval")
+
+    def check_mode(self, mode: str, ckpt: str | None) -> None:
+        """Before any work: the mode exists for this task and has its checkpoint."""
+        if mode not in self.modes:
+            raise UserError(
+                f"mode='{mode}' is not a mode of this task ({type(self).__name__}); use one of: "
+                f"{', '.join(self.modes)}."
+            )
+        if mode != "train" and not ckpt:
+            raise UserError(
+                f"mode={mode} needs ckpt=PATH, the checkpoint to use "
+                "(e.g. <run>/checkpoints/best.pt)."
+            )
+
+    def run_mode(
+        self,
+        mode: str,
+        *,
+        ckpt: str | None,
+        resume: bool,
+        options: Mapping[str, Any],
+        commit: Callable[[], None],
+    ) -> dict[str, float]:
+        if mode == "train":
+            self.prepare(resume=resume)
+            commit()
+            return self.fit(resume=resume)
+        state = checkpoint.load(ckpt)
+        checkpoint.load_model_state(self.model, state, ckpt, config=self.config)
+        commit()
+        return getattr(self, f"mode_{mode}")(state, dict(options))
+
+    def output_dir(self, mode: str) -> Path:
+        return self.run_dir / mode
+
+    def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
+        """Score the checkpoint on the test split: test/* in metrics.json and the log."""
+        self.epoch, self.step_count = state.get("epoch", 0), state.get("step", 0)
+        self.train_time = state.get("train_time", 0.0)
+        metrics = self.write_metrics(self.evaluate(self.data.test_loader(), "test"))
+        log.info(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/")))
+        return metrics
+
+    def log_header(self, writer: SummaryWriter) -> None:
+        """Once per fresh run: the resolved config, the HParams declaration, size scalars."""
+        log_config(writer, OmegaConf.to_yaml(self.config))
+        declared = [self.monitor.name] if self.monitor.name else []
+        declared += [m for m in self.logged_metrics() if m not in declared]
+        log_hparams(writer, self.hparams, declared)
+        writer.add_scalar("model/params", self.params, 0)
+        writer.add_scalar("model/flops", self.flops, 0)

@@ -1,0 +1,48 @@
+"""Sweeps survive a bad trial: `dlrun -m` records a failed job in its folder and goes on."""
+
+import json
+from pathlib import Path
+
+from tests.test_cli import dlrun
+
+
+def jobs(sweep: Path) -> dict[str, dict]:
+    """Job number -> its failed.json record, or its metrics.json, for every job folder."""
+    out = {}
+    for job in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
+        failed, metrics = job / "failed.json", job / "metrics.json"
+        out[job.name] = json.loads((failed if failed.is_file() else metrics).read_text())
+    return out
+
+
+def test_a_sweep_records_bad_values_and_finishes_every_job(data_root: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = dlrun(
+        "-m", "model=lenet,mlp", "data.batch_size=64,0", "trainer.max_steps=20",
+        f"hydra.sweep.dir={sweep}", "device=cpu",
+        data=data_root, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = jobs(sweep)
+    assert len(found) == 4
+    failed = {k: v for k, v in found.items() if "exit_code" in v}
+    assert sorted(failed) == ["1", "3"]  # data.batch_size=0, for each model
+    for record in failed.values():
+        assert record["exit_code"] == 2 and "data.batch_size must be" in record["error"]
+        assert "data.batch_size=0" in record["overrides"]
+    assert all(found[k]["step"] == 20 for k in ("0", "2"))
+    assert "2 of 4 job(s) failed" in done.stderr and "job 1 (model=lenet data.batch_size=0)" in done.stderr
+
+
+def test_a_diverging_job_does_not_stop_the_sweep(data_root: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = dlrun(
+        "-m", "model=linear", "optim=sgd", "optim.lr=1e38,0.01", "sched=none",
+        "trainer.max_steps=6", "trainer.log_every_n_steps=1", f"hydra.sweep.dir={sweep}",
+        "device=cpu", data=data_root, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = jobs(sweep)
+    assert found["0"]["exit_code"] == 3 and "NaN or infinite" in found["0"]["error"]
+    assert found["1"]["step"] == 6 and found["1"]["val/acc"] > 0.1
+    assert "1 of 2 job(s) failed" in done.stderr and "exit 3" in done.stderr
