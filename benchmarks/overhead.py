@@ -25,9 +25,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dlrun.cli import CONFIG_DIR, run
-from dlrun.data.tensor_loader import random_crop, random_hflip
-from dlrun.models import model_kwargs
-from dlrun.trainers.base import build_optimizer, resolve_precision
+from dlrun.data.transforms import RandomCrop, RandomHFlip
+from dlrun.trainers.base import resolve_precision
+from dlrun.trainers.optimize import build_optimizer
 
 
 @dataclass
@@ -45,6 +45,10 @@ CASES = {
     "cifar_resnet18": Case(
         "ResNet-18, CIFAR-10 (crop+flip), batch 64, 30 steps",
         ["model=resnet18", "data=cifar10", "trainer.max_steps=30", "data.eval_subset=2000"],
+    ),
+    "notes_mlp": Case(
+        "the notes' recipe: MLP, MNIST, Adam 1e-3, batch 64, 1 epoch (938 steps)",
+        ["model=mlp", "data=mnist", "optim=adam", "optim.lr=0.001", "data.batch_size=64"],
     ),
     "mnist_fast": Case("experiment=mnist_fast (LeNet-BN, 1 epoch)", ["experiment=mnist_fast"]),
     "cifar10_fast": Case(
@@ -86,9 +90,11 @@ def plain_loop(cfg: DictConfig) -> Callable[[], tuple[float, float]]:
     def normalize(x: torch.Tensor) -> torch.Tensor:
         return ((x.float() / 255 - mean) / std).contiguous(memory_format=layout)
 
+    crop, hflip = RandomCrop(padding=pad, keys=("image",)), RandomHFlip(keys=("image",))
+
     def epoch() -> tuple[float, float]:
         torch.manual_seed(cfg.seed)
-        model = instantiate(model_kwargs(cfg.model))
+        model = instantiate(cfg.model)
         if hasattr(model, "init_from_data"):
             model.init_from_data(normalize(x_all[:5000]).cpu())
         model = model.to(device, memory_format=layout).train()
@@ -104,9 +110,9 @@ def plain_loop(cfg: DictConfig) -> Callable[[], tuple[float, float]]:
             idx = order[i * batch : (i + 1) * batch]
             xb, yb = x_all[idx], y_all[idx]
             if pad:
-                xb = random_crop(xb, pad, gen)
+                xb = crop({"image": xb}, gen)["image"]
             if flip:
-                xb = random_hflip(xb, gen)
+                xb = hflip({"image": xb}, gen)["image"]
             xb = normalize(xb)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(xb)
@@ -135,7 +141,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8, help="alternating pairs per case")
     parser.add_argument(
         "--slow-repeats", type=int, default=3, help="repeats of the ResNet-18 and AirNet cases"
     )

@@ -5,10 +5,10 @@ import torch
 from hydra.utils import instantiate
 
 from dlrun.cli import build
-from dlrun.data import folder
-from dlrun.data.tensor_loader import TensorLoader, random_crop, random_hflip
+from dlrun.data import Normalize, RandomCrop, RandomHFlip, RandomSampler, TensorLoader, folder
 from dlrun.errors import UserError
 from tests.fixtures import write_png_folder
+from tests.test_samplers import old_epoch
 
 
 @pytest.mark.parametrize(
@@ -24,8 +24,10 @@ def test_real_loaders_read_fixture_files(make_cfg, data, n_train, n_test, shape)
     assert d.train_x.dtype == torch.uint8 and d.train_x.shape == (n_train, *shape)
     assert d.test_x.shape == (n_test, *shape) and d.train_y.dtype == torch.int64
     assert set(d.train_y.tolist()) == set(range(10)) and len(d.classes) == 10
-    x, y = next(iter(d.train_loader()))
-    assert x.dtype == torch.float32 and x.shape == (min(d.batch_size, n_train), *shape)
+    batch = next(iter(d.train_loader()))
+    assert batch.keys() == {"image", "label"} and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (min(d.batch_size, n_train), *shape)
+    assert d.describe()["input_shape"] == shape and d.describe()["sizes"]["test"] == n_test
 
 
 def test_cifar_png_folder_is_detected_and_decoded_once(make_cfg, tmp_path, monkeypatch) -> None:
@@ -93,8 +95,8 @@ def test_failed_download_is_reported_with_its_reason(make_cfg, tmp_path, monkeyp
 
 def test_random_crop_shifts_whole_images() -> None:
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    assert torch.equal(random_crop(x, 0, None), x)
-    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(RandomCrop()({"image": x}, None)["image"], x)
+    out = RandomCrop(padding=2)({"image": x}, torch.Generator().manual_seed(0))["image"]
     assert out.shape == x.shape
     for img, src in zip(out, x, strict=True):  # every output is a window of the zero-padded source
         padded = torch.nn.functional.pad(src, (2, 2, 2, 2))
@@ -105,7 +107,7 @@ def test_random_crop_shifts_whole_images() -> None:
 
 def test_hflip_mirrors_some_images() -> None:
     x = torch.arange(64 * 3 * 2 * 2, dtype=torch.uint8).view(64, 3, 2, 2)
-    out = random_hflip(x, torch.Generator().manual_seed(0))
+    out = RandomHFlip()({"image": x}, torch.Generator().manual_seed(0))["image"]
     flipped = [torch.equal(o, s.flip(2)) for o, s in zip(out, x, strict=True)]
     assert 10 < sum(flipped) < 54
     assert all(f or torch.equal(o, s) for f, o, s in zip(flipped, out, x, strict=True))
@@ -114,29 +116,82 @@ def test_hflip_mirrors_some_images() -> None:
 def test_loader_normalizes_and_shuffles_deterministically() -> None:
     x = torch.full((10, 1, 2, 2), 255, dtype=torch.uint8)
     y = torch.arange(10)
-    loader = TensorLoader(
-        x,
-        y,
-        batch_size=4,
-        mean=[0.5],
-        std=[0.25],
-        shuffle=True,
-        generator=torch.Generator().manual_seed(1),
-    )
-    batches = list(loader)
-    assert len(loader) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
-    assert torch.allclose(batches[0][0], torch.full((4, 1, 2, 2), 2.0))
-    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(10))
-    again = TensorLoader(
-        x,
-        y,
-        batch_size=4,
-        mean=[0.5],
-        std=[0.25],
-        shuffle=True,
-        generator=torch.Generator().manual_seed(1),
-    )
-    assert torch.equal(torch.cat([b[1] for b in again]), torch.cat([b[1] for b in batches]))
+
+    def loader(seed: int) -> TensorLoader:
+        g = torch.Generator().manual_seed(seed)
+        return TensorLoader(
+            {"image": x, "label": y},
+            RandomSampler(10, 4),
+            transforms=[Normalize([0.5], [0.25])],
+            order_generator=g,
+            aug_generator=g,
+        )
+
+    batches = list(loader(1))
+    assert len(loader(1)) == 3 and [len(b["label"]) for b in batches] == [4, 4, 2]
+    assert torch.allclose(batches[0]["image"], torch.full((4, 1, 2, 2), 2.0))
+    labels = torch.cat([b["label"] for b in batches])
+    assert sorted(labels.tolist()) == list(range(10))
+    assert torch.equal(torch.cat([b["label"] for b in loader(1)]), labels)
+    assert not torch.equal(torch.cat([b["label"] for b in loader(2)]), labels)
+
+
+def test_classification_data_reproduces_the_old_loader(make_cfg) -> None:
+    """CIFAR-10's crop + flip + normalise, one process: the very batches dlrun made before."""
+    d = instantiate(make_cfg("data=cifar10", "data.batch_size=32").data)
+    d.setup(torch.device("cpu"), seed=3)
+    gens = d.generators()
+    assert gens["order"] is gens["aug"]  # one process: the one stream runs always drew from
+    reference = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        old = list(old_epoch(d.train_x, d.train_y, 32, d.mean, d.std, 4, True, reference))
+        new = list(d.train_loader())
+        assert len(old) == len(new) == 4
+        for (x, y), batch in zip(old, new, strict=True):
+            assert torch.equal(x, batch["image"]) and torch.equal(y, batch["label"])
+    assert torch.equal(reference.get_state(), gens["order"].get_state())
+
+
+def test_ranks_share_the_order_and_not_the_augmentation(make_cfg) -> None:
+    cfg = make_cfg("data=cifar10", "data.batch_size=30").data
+    ranks = [instantiate(cfg) for _ in range(3)]
+    for r, d in enumerate(ranks):
+        d.setup(torch.device("cpu"), seed=1, rank=r, world_size=3)
+    gens = [d.generators() for d in ranks]
+    assert all(torch.equal(g["order"].get_state(), gens[0]["order"].get_state()) for g in gens)
+    assert len({bytes(g["aug"].get_state().numpy()) for g in gens}) == 3
+    firsts = [next(iter(d.train_loader(crop=False)))["label"] for d in ranks]
+    assert [len(f) for f in firsts] == [10, 10, 10]
+    reference = torch.randperm(100, generator=torch.Generator().manual_seed(1))[:30]
+    assert torch.equal(torch.cat(firsts), ranks[0].train_y[reference])  # one global batch, split
+    with pytest.raises(ValueError, match="rank must be in"):
+        ranks[0].setup(torch.device("cpu"), seed=1, rank=1)  # one process (dlrun.dist's answer)
+    ranks[1].batch_size = 33  # 100 = 3 x 33 + 1: a last global batch of 1 would starve 2 ranks
+    assert len(ranks[1].train_loader()) == 3
+    ranks[1].batch_size = 2
+    with pytest.raises(UserError, match="global batch and must be at least the number of proc"):
+        ranks[1].train_loader()
+
+
+def test_eval_loaders_examples_and_description(make_cfg) -> None:
+    d = instantiate(make_cfg("data.train_subset=100", "data.val_split=0.2").data)
+    with pytest.raises(RuntimeError, match="setup"):
+        d.generators()
+    d.setup(torch.device("cpu"), seed=0)
+    before = d.generators()["order"].get_state()
+    val = list(d.val_loader())
+    assert torch.equal(torch.cat([b["label"] for b in val]), d.val_y)  # in order
+    first = d.example_batch(5, "train", mean=0.0, std=1.0)
+    assert torch.allclose(first["image"], d.train_x[:5].float() / 255, rtol=0, atol=1e-6)
+    assert torch.equal(first["label"], d.train_y[:5])
+    assert torch.equal(d.example_batch(3, "val")["image"], val[0]["image"][:3])
+    assert torch.equal(d.generators()["order"].get_state(), before)  # evaluation draws nothing
+    info = d.describe()
+    assert info["sizes"] == {"train": 80, "val": 20, "test": 100} and not info["val_is_test"]
+    assert info["input_shape"] == (1, 28, 28) and info["num_classes"] == 10
+    assert instantiate(make_cfg().data).describe()["val_is_test"]
+    with pytest.raises(ValueError, match="split must be"):
+        d.example_batch(1, "holdout")
 
 
 def test_folder_cache_key_changes_with_the_folder(tmp_path: Path) -> None:

@@ -213,11 +213,11 @@ def poison(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int]) -> None:
     """NaN pixels in the batches of the given 1-based steps: the loss of those steps is NaN."""
     real = ClassificationTrainer.step
 
-    def step(self: ClassificationTrainer, batch: tuple) -> dict:
-        x, y = batch
+    def step(self: ClassificationTrainer, batch: dict) -> dict:
+        x = batch["image"]
         if self.step_count + 1 in bad_steps:
             x = x * float("nan")
-        return real(self, (x, y))
+        return real(self, batch | {"image": x})
 
     monkeypatch.setattr(ClassificationTrainer, "step", step)
 
@@ -271,9 +271,9 @@ def test_a_gan_whose_discriminator_loss_turns_nan_stops_naming_the_network(
 
     real = GANTrainer.step
 
-    def step(self: GANTrainer, batch: tuple) -> dict:
-        x, y = batch
-        return real(self, (x * float("nan") if self.step_count == 5 else x, y))
+    def step(self: GANTrainer, batch: dict) -> dict:
+        x = batch["image"]
+        return real(self, batch | {"image": x * float("nan") if self.step_count == 5 else x})
 
     monkeypatch.setattr(GANTrainer, "step", step)
     cfg = make_cfg("model=gan", "data.batch_size=50", "trainer.max_steps=8",

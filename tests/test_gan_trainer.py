@@ -87,7 +87,7 @@ def test_sample_mode_writes_n_pngs_and_a_grid(make_cfg, classifier: Path, tmp_pa
     run(gan_cfg(make_cfg, classifier, "model=dcgan", "trainer.max_steps=2"), tmp_path / "train")
     ckpt = tmp_path / "train" / "checkpoints" / "last.pt"
     run(make_cfg("model=dcgan", "mode=sample", f"ckpt={ckpt}", "sample.n=10"), tmp_path / "s")
-    pngs = sorted((tmp_path / "s" / "samples").glob("*.png"))
+    pngs = sorted((tmp_path / "s" / "sample").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i}.png" for i in range(10)] + ["grid.png"]
 
 
@@ -121,7 +121,7 @@ def test_classifier_with_a_gan_loss_is_a_user_error(make_cfg, tmp_path: Path) ->
 def test_sample_mode_of_a_classifier_is_a_user_error(
     make_cfg, classifier: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(UserError, match="mode=sample generates images"):
+    with pytest.raises(UserError, match="mode=.sample. is not a mode of this task.*train, eval"):
         run(make_cfg("model=lenet", "mode=sample", f"ckpt={classifier}"), tmp_path)
 
 

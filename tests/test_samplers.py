@@ -23,6 +23,8 @@ from dlrun.data import (
 from dlrun.errors import UserError
 
 CPU = torch.device("cpu")
+# Replay and the old-loader comparison also run on CUDA where there is one (generators on the GPU).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 N, SIZE = 23, 8
 
 
@@ -51,7 +53,7 @@ def detection_data(n: int = N, size: int = SIZE, seed: int = 0) -> dict[str, Ten
 
 def consume(batch: dict[str, Tensor], aug: torch.Generator) -> None:
     """What a trainer step does with the aug generator between batches (a GAN's noise)."""
-    torch.rand(3, generator=aug)
+    torch.rand(3, device=aug.device, generator=aug)
 
 
 # name -> (tensors, sampler, transforms, groups); each replayed with and without a shared generator
@@ -81,9 +83,9 @@ def _cases() -> dict[str, Callable[[], tuple]]:
     }
 
 
-def _gens(shared: bool, seed: int) -> tuple[torch.Generator, torch.Generator]:
-    order = torch.Generator().manual_seed(seed)
-    return order, order if shared else torch.Generator().manual_seed(seed + 1)
+def _gens(shared: bool, seed: int, device: str = "cpu") -> tuple[torch.Generator, torch.Generator]:
+    order = torch.Generator(device).manual_seed(seed)
+    return order, order if shared else torch.Generator(device).manual_seed(seed + 1)
 
 
 def _epoch(batches: Iterable[dict[str, Tensor]], aug: torch.Generator) -> list[dict[str, Tensor]]:
@@ -100,10 +102,12 @@ def _assert_same(a: list[dict[str, Tensor]], b: list[dict[str, Tensor]]) -> None
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared", [False, True], ids=["two_generators", "one_generator"])
 @pytest.mark.parametrize("case", list(_cases()))
-def test_resume_mid_epoch_replays_bit_for_bit(case: str, shared: bool) -> None:
+def test_resume_mid_epoch_replays_bit_for_bit(case: str, shared: bool, device: str) -> None:
     tensors, sampler, transforms, groups = _cases()[case]()
+    tensors = {k: t.to(device) for k, t in tensors.items()}
 
     def loader(order: torch.Generator, aug: torch.Generator) -> TensorLoader:
         return TensorLoader(
@@ -111,7 +115,7 @@ def test_resume_mid_epoch_replays_bit_for_bit(case: str, shared: bool) -> None:
             order_generator=order, aug_generator=aug,
         )  # fmt: skip
 
-    order, aug = _gens(shared, 1)
+    order, aug = _gens(shared, 1, device)
     straight = loader(order, aug)
     _epoch(straight, aug)  # resume inside the second epoch, not from the seed
     first = _epoch(straight, aug)
@@ -119,7 +123,7 @@ def test_resume_mid_epoch_replays_bit_for_bit(case: str, shared: bool) -> None:
     second = _epoch(straight, aug)
     assert len(first) == len(sampler) >= 3
 
-    order, aug = _gens(shared, 1)
+    order, aug = _gens(shared, 1, device)
     cut = loader(order, aug)
     _epoch(cut, aug)
     batches, head = cut.iterate(), []
@@ -132,8 +136,8 @@ def test_resume_mid_epoch_replays_bit_for_bit(case: str, shared: bool) -> None:
     position = torch.load(buffer, weights_only=True)
     assert position["batch"] == 2
 
-    order, aug = _gens(shared, 99)  # a fresh process: generators somewhere else entirely
-    torch.rand(5, generator=aug)
+    order, aug = _gens(shared, 99, device)  # a fresh process: generators somewhere else entirely
+    torch.rand(5, device=aug.device, generator=aug)
     resumed = loader(order, aug)
     tail = _epoch(resumed.iterate(resume=position), aug)
     _assert_same(head + tail, first)
@@ -282,11 +286,13 @@ def old_epoch(x, y, batch_size, mean, std, padding, hflip, generator):
         yield torch.addcmul(shift, xb.float(), scale), yb
 
 
-def test_the_new_loader_reproduces_the_old_one_bit_for_bit() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_new_loader_reproduces_the_old_one_bit_for_bit(device: str) -> None:
     x = torch.randint(0, 256, (50, 3, 6, 6), generator=torch.Generator().manual_seed(1))
-    x, y = x.to(torch.uint8), torch.arange(50)
+    x, y = x.to(torch.uint8).to(device), torch.arange(50, device=device)
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    old_gen, new_gen = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    old_gen = torch.Generator(device).manual_seed(4)
+    new_gen = torch.Generator(device).manual_seed(4)
     loader = TensorLoader(
         {"image": x, "label": y},
         RandomSampler(50, 16),

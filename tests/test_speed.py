@@ -10,8 +10,9 @@ from torch import nn
 from dlrun.cli import run
 from dlrun.errors import UserError
 from dlrun.models.airbench import AirNet
-from dlrun.trainers.base import build_optimizer, resolve_precision
+from dlrun.trainers.base import resolve_precision
 from dlrun.trainers.classification import ClassificationTrainer
+from dlrun.trainers.optimize import build_optimizer
 
 QUICK = ("model=lenet", "model.activation=relu", "data.batch_size=50", "trainer.max_steps=3")
 
@@ -51,7 +52,7 @@ def test_precision_and_layout_run_on_cpu(
     step = ClassificationTrainer.step
 
     def spy(self: ClassificationTrainer, batch: tuple) -> dict:
-        seen.append(self.layout(batch[0]))
+        seen.append(self.layout(batch["image"]))
         assert self.model.features[0].weight.is_contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format
         )
@@ -91,10 +92,11 @@ def test_flip_tta_averages_the_logits_of_image_and_mirror(make_cfg, tmp_path: Pa
 
 def test_flip_tta_predict_is_the_mean_of_both_views() -> None:
     trainer = ClassificationTrainer.__new__(ClassificationTrainer)
-    trainer.forward_model = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+    trainer.nets = {"model": net}
     x = torch.randn(3, 1, 2, 4)
     trainer.tta = "flip"
-    expected = (trainer.forward_model(x) + trainer.forward_model(x.flip(3))) / 2
+    expected = (net(x) + net(x.flip(3))) / 2
     torch.testing.assert_close(trainer.predict(x), expected)
 
 

@@ -38,7 +38,7 @@ def test_new_class_count_replaces_the_head_and_keeps_the_rest(
 
 
 def test_freeze_backbone_trains_only_the_head(make_cfg, tmp_path, lenet_ckpt) -> None:
-    metrics = run(make_cfg(*LENET, *folder_data(tmp_path), f"ckpt={lenet_ckpt}", "model.freeze=backbone"),
+    metrics = run(make_cfg(*LENET, *folder_data(tmp_path), f"ckpt={lenet_ckpt}", "freeze=backbone"),
                   tmp_path / "frozen")  # fmt: skip
     after = weights(tmp_path / "frozen" / "checkpoints" / "last.pt")
     before = weights(lenet_ckpt)
@@ -50,17 +50,17 @@ def test_freeze_backbone_trains_only_the_head(make_cfg, tmp_path, lenet_ckpt) ->
 
 
 def test_freeze_a_number_of_stages(make_cfg, tmp_path) -> None:
-    metrics = run(make_cfg(*LENET, "model.freeze=1"), tmp_path)
+    metrics = run(make_cfg(*LENET, "freeze=1"), tmp_path)
     assert metrics["params"] == 61706 - (6 * 25 + 6)  # the first conv is frozen
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("99", "model.freeze=99 is not a choice"),
-    ("legs", "model.freeze='legs' is not a choice"),
+    ("99", "freeze=99 is not a choice"),
+    ("legs", "freeze='legs' is not a choice"),
 ])  # fmt: skip
 def test_bad_freeze_is_a_user_error(make_cfg, tmp_path, spec, message) -> None:
     with pytest.raises(UserError, match=message):
-        run(make_cfg(*LENET, f"model.freeze={spec}"), tmp_path)
+        run(make_cfg(*LENET, f"freeze={spec}"), tmp_path)
 
 
 def test_checkpoint_of_another_network_is_a_user_error(make_cfg, tmp_path, lenet_ckpt) -> None:
@@ -114,4 +114,4 @@ def test_nothing_left_to_train_is_a_user_error(make_cfg, tmp_path, monkeypatch) 
 
     monkeypatch.setattr(transfer, "freeze", freeze_everything)
     with pytest.raises(UserError, match="nothing to train: every parameter is frozen"):
-        run(make_cfg(*LENET, "model.freeze=backbone"), tmp_path)
+        run(make_cfg(*LENET, "freeze=backbone"), tmp_path)

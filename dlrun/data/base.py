@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlrun import dist
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
@@ -133,8 +134,11 @@ class ClassificationData:
         """True when val/* scores the test split (no val_split): the numbers papers report."""
         return self.val_name == "test"
 
-    def setup(self, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def setup(
+        self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
+    ) -> None:
         """Move every split to the device once and seed the generators (see `DataModule.setup`)."""
+        world_size = dist.world_size() if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got rank={rank}")
         for attr in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
@@ -189,9 +193,18 @@ class ClassificationData:
         std: float | Sequence[float] | None = None,
         crop: bool = True,
     ) -> TensorLoader:
-        sampler: Sampler = RandomSampler(len(self.train_x), self.batch_size)
-        if self.world_size > 1:  # every rank draws the same global batch and keeps its slice
-            sampler = ShardedSampler(sampler, self.rank, self.world_size)
+        n, world = len(self.train_x), self.world_size
+        if self.batch_size < world:
+            raise UserError(
+                f"data.batch_size={self.batch_size} is the global batch and must be at least the "
+                f"number of processes ({world}), so that every process gets an image."
+            )
+        # A last global batch smaller than the number of processes would leave some empty: drop it.
+        sampler: Sampler = RandomSampler(
+            n, self.batch_size, drop_last=0 < n % self.batch_size < world
+        )
+        if world > 1:  # every rank draws the same global batch and keeps its slice
+            sampler = ShardedSampler(sampler, self.rank, world)
         transforms: list[Transform] = []
         if crop and self.crop_padding:
             transforms.append(RandomCrop(padding=self.crop_padding))

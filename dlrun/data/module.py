@@ -25,8 +25,10 @@ class DataModule(Protocol):
     batch_size: int  # the global batch: with several ranks each trains on its share
     eval_batch_size: int
 
-    def setup(self, device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        """Move the data to `device` and seed the generators.
+    def setup(
+        self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
+    ) -> None:
+        """Move the data to `device` and seed the generators; world_size None: dlrun.dist's.
 
         The order generator is seeded with `seed` on every rank, so all ranks draw the same
         global batches. One process uses that generator for augmentation too (the stream dlrun

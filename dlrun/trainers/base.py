@@ -246,8 +246,8 @@ class Trainer(RunModes, ResumableRun):
             self.prepare(resume)
         for torn in self.last_path.parent.glob(".*.tmp*"):  # left by a process killed mid-write
             torn.unlink(missing_ok=True)
-        self._open_writer(self.resumed)
-        with self.stop:
+        with self.stop:  # from here on a stop signal ends in a checkpoint, not a kill
+            self._open_writer(self.resumed)
             try:
                 while not self.finished() or self.resumed_progress is not None:
                     if self._train_epoch() == "signal":

@@ -113,7 +113,8 @@ class GANTrainer(Trainer):
     def train_loader(self) -> Any:
         """Real images scaled to [-1, 1], the generator's tanh range, whatever data.mean/std say."""
         c = self.data.describe()["input_shape"][0]
-        return self.data.train_loader(mean=[0.5] * c, std=[0.5] * c)
+        # No random crops: a generator would learn the padding's black borders.
+        return self.data.train_loader(mean=[0.5] * c, std=[0.5] * c, crop=False)
 
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
         real = batch["image"]

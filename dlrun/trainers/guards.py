@@ -4,6 +4,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,10 +84,10 @@ class NonFiniteGuard:
         slot = self.slots[step % self.window][role]
         slot.add_(loss.detach()) if add else slot.copy_(loss.detach())
 
-    def masked(self, out: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        """skip: step `step`'s sums as zeros where its loss was bad, so epoch means stay finite."""
+    def masked(self, out: dict[str, tuple[Tensor, Any]], step: int) -> dict[str, tuple[Tensor, Any]]:
+        """skip: step `step`'s sums as zeros (counts kept) where its loss was bad: means stay finite."""
         ok = torch.isfinite(self.losses[step % self.window]).all()
-        return {k: torch.where(ok, v, torch.zeros_like(v)) for k, v in out.items()}
+        return {k: (torch.where(ok, v, torch.zeros_like(v)), n) for k, (v, n) in out.items()}
 
     def bad_steps(self, step_count: int) -> list[tuple[int, str]]:
         """(1-based step, role) of every bad loss since the last call."""

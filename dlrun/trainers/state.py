@@ -201,8 +201,9 @@ class ResumableRun:
         checkpoint.set_rng_state(ranks[dist.rank()] if same_world else ranks[0], self.data.generators())
         if not same_world:
             log.warning(
-                "resumed with %d processes from a run of %d: the data order continues, the "
-                "augmentation draws do not repeat exactly", dist.world_size(), len(ranks),
+                "resumed with %d processes from a run of %d: training continues from the same "
+                "weights and step, but the data order and augmentation draws are not those of an "
+                "uninterrupted run (not bit-exact)", dist.world_size(), len(ranks),
             )  # fmt: skip
         self.epoch, self.step_count = state["epoch"], state["step"]
         self.train_time, self.metrics = state["train_time"], state["metrics"]
