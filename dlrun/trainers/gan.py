@@ -117,13 +117,16 @@ class GANTrainer(Trainer):
         return self.data.train_loader(mean=[0.5] * c, std=[0.5] * c, crop=False)
 
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
-        real = batch["image"]
+        real = self.layout(batch["image"])
         b = len(real)
         d, g = self.net("discriminator"), self.net("generator")
         aug = self.data.generators()["aug"]
         z = self.gan.sample_latent(b, self.device, aug)
         with self.autocast():
-            fake = g(z)  # once per step: the generator's BatchNorm statistics move once
+            # Once per step: the generator's BatchNorm statistics move once. In the critic's
+            # memory format like the real batch: a compiled critic fed two layouts fails on CUDA
+            # (cuDNN's transposed convolutions may return NHWC).
+            fake = self.layout(g(z))
             d_real, d_fake = d(real), d(fake.detach())
             d_loss = self.loss.d(d_real.float(), d_fake.float())
         out: dict[str, tuple[Tensor, int]] = {"loss_d": (d_loss.detach() * b, b)}
