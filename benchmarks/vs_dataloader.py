@@ -39,8 +39,6 @@ from torchvision import datasets, transforms
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import compose_cfg, dlrun_run  # noqa: E402
 
-from dlrun.models import model_kwargs  # noqa: E402
-
 
 class MNISTNN(nn.Module):  # verbatim from the notes
     def __init__(self) -> None:
@@ -122,7 +120,7 @@ def cifar_script(cfg: DictConfig, batch: int, workers: int) -> Callable[[], tupl
 
     def run() -> tuple[float, float]:
         torch.manual_seed(0)
-        model = instantiate(model_kwargs(cfg.model))
+        model = instantiate(cfg.model)
         loader = DataLoader(train, batch_size=batch, shuffle=True, num_workers=workers)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
         test_loader = DataLoader(test, batch_size=1000, num_workers=workers)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dlrun.errors import UserError, WriteFailed
-from dlrun.models import TRAINING_KEYS
+from dlrun.models import LEGACY_TRAINING_KEYS
 
 _ABSENT = object()  # a dotted key that one of two configs does not have
 
@@ -231,7 +231,7 @@ def _shape_config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         k
         for k in set(flat_saved) | set(flat_now)
         if (_under(k, ("model",)) or k in SHAPE_KEYS)
-        and not _under(k, [f"model.{t}" for t in TRAINING_KEYS])
+        and not _under(k, [f"model.{t}" for t in LEGACY_TRAINING_KEYS])
         and not _same(flat_saved.get(k, _ABSENT), flat_now.get(k, _ABSENT))
     )
     if not keys:

@@ -43,6 +43,9 @@ def _decode(path: Path, channels: int, image_size: int) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
 
 
+decode = _decode  # public: output modes (mode_inputs) decode their input images the same way
+
+
 def _mtime(path: Path) -> int:
     try:
         return path.stat().st_mtime_ns

@@ -1,4 +1,8 @@
-"""Model families: one file each; configs/model/*.yaml name their constructors."""
+"""Model families: one file each; configs/model/*.yaml name their constructors, one to one.
+
+`hydra.utils.instantiate(cfg.model)` builds any of them (a notebook or another tool can do the
+same); training choices such as `freeze` live outside the model node.
+"""
 
 from typing import Any
 
@@ -6,14 +10,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-TRAINING_KEYS = ("freeze",)  # model.* keys that choose how to train, not what to build
+# model.* keys of checkpoints written before the freeze key moved out of the model node (format 1).
+LEGACY_TRAINING_KEYS = ("freeze",)
 
 
-def model_kwargs(node: DictConfig) -> dict[str, Any]:
-    """The resolved model config without the training-only keys: `_target_` plus constructor kwargs."""
-    kwargs = OmegaConf.to_container(node, resolve=True)
-    return {k: v for k, v in kwargs.items() if k not in TRAINING_KEYS}
+def model_kwargs(node: DictConfig | dict) -> dict[str, Any]:
+    """A (possibly older) checkpoint's model config as constructor kwargs: legacy keys dropped."""
+    kwargs = OmegaConf.to_container(OmegaConf.create(node), resolve=True)
+    return {k: v for k, v in kwargs.items() if k not in LEGACY_TRAINING_KEYS}
 
 
 def instantiate_model(node: DictConfig, **overrides: Any) -> nn.Module:
-    return instantiate(model_kwargs(node), **overrides)
+    return instantiate(node, **overrides)

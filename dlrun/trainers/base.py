@@ -2,7 +2,6 @@
 
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -17,12 +16,12 @@ from tqdm import tqdm
 
 from dlrun import checkpoint, dist, introspect, transfer
 from dlrun.errors import UserError
-from dlrun.trainers import messages
-from dlrun.trainers.guards import Interrupted, NonFiniteGuard, StopSignals
+from dlrun.trainers.guards import NonFiniteGuard, StopSignals
+from dlrun.trainers.messages import Stops
 from dlrun.trainers.modes import RunModes
 from dlrun.trainers.monitor import Monitor
 from dlrun.trainers.optimize import Optimization
-from dlrun.trainers.state import EpochProgress, ResumableRun, saved_step
+from dlrun.trainers.state import EpochProgress, ResumableRun
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,7 +45,7 @@ def batch_items(batch: Mapping[str, Tensor]) -> int:
     return len(next(iter(batch.values())))
 
 
-class Trainer(RunModes, ResumableRun):
+class Trainer(RunModes, Stops, ResumableRun):
     """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`.
 
     It may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
@@ -388,49 +387,6 @@ class Trainer(RunModes, ResumableRun):
         self.last_eval_step = self.step_count
         self.monitor.update(metrics, self.step_count, self.data.describe().get("val_is_test"))
         return time.perf_counter() - began
-
-    def _check_finite(self) -> None:
-        """Stop (or count the skipped steps) where a loss was NaN/inf, naming the step."""
-        bad = self.guard.bad_steps(self.step_count)
-        if not bad:
-            return
-        if self.guard.policy == "skip":
-            self.guard.skipped += len({s for s, _ in bad})
-            log.warning(
-                "non-finite loss at step %d: %d update(s) skipped so far "
-                "(trainer.on_nonfinite=skip)", bad[0][0], self.guard.skipped,
-            )  # fmt: skip
-            return
-        group = self.optimizer.param_groups[0]
-        raise messages.diverged(
-            bad,
-            self.epoch + 1,
-            self.last_path,
-            saved_step(self.last_path),
-            group.get("initial_lr", group["lr"]),
-            self.dtype == torch.float16,
-        )
-
-    def _stop_now(self, mid_epoch: bool = True) -> None:
-        name = signal.Signals(self.stop.received or signal.SIGTERM).name
-        where = f"epoch {self.epoch + 1}, mid-epoch" if mid_epoch else f"end of epoch {self.epoch}"
-        if self.writer is not None:
-            self.writer.flush()
-        raise Interrupted(
-            f"{name}: stopped after step {self.step_count} ({where}) with a checkpoint in "
-            f"{self.last_path}. Continue with the same options plus resume=true "
-            f"hydra.run.dir={self.run_dir}",
-            self.stop.received or signal.SIGTERM,
-        )
-
-    def _out_of_memory(self) -> UserError:
-        evaluating = self.phase == "eval"
-        key = "data.eval_batch_size" if evaluating else "data.batch_size"
-        size = self.data.eval_batch_size if evaluating else self.data.batch_size
-        return messages.out_of_memory(
-            str(self.device), self.step_count, self.phase, key, size, self.last_path,
-            saved_step(self.last_path),
-        )  # fmt: skip
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

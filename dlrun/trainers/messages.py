@@ -1,8 +1,16 @@
 """The one-paragraph messages of a run that stops: NaN/inf loss and out of memory."""
 
+import logging
+import signal
 from pathlib import Path
 
-from dlrun.errors import OutOfMemory, TrainingDiverged
+import torch
+
+from dlrun.errors import OutOfMemory, TrainingDiverged, UserError
+from dlrun.trainers.guards import Interrupted
+from dlrun.trainers.state import saved_step
+
+log = logging.getLogger("dlrun.trainers.base")
 
 
 def kept_checkpoint(path: Path, saved: int | None, intact: str = "is untouched") -> str:
@@ -43,3 +51,51 @@ def out_of_memory(
         f"{key}={max(1, size // 2)}), or use trainer.precision=bf16, or a smaller model. {kept} "
         "A smaller batch makes a different run: start it from those weights with ckpt=PATH."
     )
+
+
+class Stops:
+    """The loop's ways to end early: NaN/inf (stop or skip), a stop signal, out of memory."""
+
+    def _check_finite(self) -> None:
+        """Stop (or count the skipped steps) where a loss was NaN/inf, naming the step."""
+        bad = self.guard.bad_steps(self.step_count)
+        if not bad:
+            return
+        if self.guard.policy == "skip":
+            self.guard.skipped += len({s for s, _ in bad})
+            log.warning(
+                "non-finite loss at step %d: %d update(s) skipped so far "
+                "(trainer.on_nonfinite=skip)", bad[0][0], self.guard.skipped,
+            )  # fmt: skip
+            return
+        group = self.optimizer.param_groups[0]
+        raise diverged(
+            bad,
+            self.epoch + 1,
+            self.last_path,
+            saved_step(self.last_path),
+            group.get("initial_lr", group["lr"]),
+            self.dtype == torch.float16,
+        )
+
+    def _stop_now(self, mid_epoch: bool = True) -> None:
+        name = signal.Signals(self.stop.received or signal.SIGTERM).name
+        where = f"epoch {self.epoch + 1}, mid-epoch" if mid_epoch else f"end of epoch {self.epoch}"
+        if self.writer is not None:
+            self.writer.flush()
+        raise Interrupted(
+            f"{name}: stopped after step {self.step_count} ({where}) with a checkpoint in "
+            f"{self.last_path}. Continue with the same options plus resume=true "
+            f"hydra.run.dir={self.run_dir}",
+            self.stop.received or signal.SIGTERM,
+        )
+
+    def _out_of_memory(self) -> UserError:
+        evaluating = self.phase == "eval"
+        key = "data.eval_batch_size" if evaluating else "data.batch_size"
+        size = self.data.eval_batch_size if evaluating else self.data.batch_size
+        return out_of_memory(
+            str(self.device), self.step_count, self.phase, key, size, self.last_path,
+            saved_step(self.last_path),
+        )  # fmt: skip
+

@@ -11,10 +11,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from dlrun import checkpoint
+from dlrun.data.folder import IMAGE_SUFFIXES
+from dlrun.data.folder import decode as decode_image
 from dlrun.errors import UserError
 from dlrun.tb import log_config, log_hparams
 
@@ -59,6 +63,28 @@ class RunModes:
 
     def output_dir(self, mode: str) -> Path:
         return self.run_dir / mode
+
+    def mode_inputs(self, options: Mapping[str, Any]) -> tuple[list[str], Tensor]:
+        """What an output mode reads (`<mode>.input`): a folder of images, decoded and resized to
+        the model's input size and channels, or a split name (train | val | test) of the data.
+
+        Returns the item names and uint8 images (N, C, H, W), in file-name or split order.
+        """
+        spec = str(options.get("input") or "test")
+        c, h, w = self.data.describe()["input_shape"]
+        if spec in ("train", "val", "test"):
+            n = self.data.describe()["sizes"][spec]
+            images = self.data.example_batch(n, spec, mean=[0.0], std=[1 / 255])["image"]
+            return [f"{spec}_{i:06d}" for i in range(n)], images.round().to(torch.uint8)
+        folder = Path(spec).expanduser()
+        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not folder.is_dir() or not files:
+            raise UserError(
+                f"input={spec} is neither a split (train, val, test) nor a folder holding images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))})."
+            )
+        images = torch.stack([decode_image(p, c, max(h, w)) for p in files])
+        return [p.stem for p in files], images
 
     def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
         """Score the checkpoint on the test split: test/* in metrics.json and the log."""
