@@ -333,7 +333,9 @@ class Trainer(RunModes, Stops, ResumableRun):
             if (stop or ckpt_due or val_due) and p.batch < n_batches:
                 self._sync()
                 p.elapsed, p.position = time.perf_counter() - start, loader.position()
+                saving = time.perf_counter()
                 self._save_checkpoints(p)
+                start += time.perf_counter() - saving  # writing is not training time
                 if stop:
                     return "signal"
         p.seen += p.window_seen

@@ -225,6 +225,8 @@ class GANTrainer(Trainer):
                 if self.extractor is None:
                     log.warning("no FID/KID for this run: %s", err)
                     self.feature_kind = "none"
+                    if self.monitor.name in ("val/fid", "val/fid_classifier"):
+                        self.monitor.name = None  # nothing to select on: no best.pt, no HParams tag
                     return False
         real = self.data.example_batch(self.metric_n, "val", mean=[0.5], std=[0.5])["image"]
         self.real_features = self.extractor(real)

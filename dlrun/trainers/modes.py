@@ -97,8 +97,9 @@ class RunModes:
     def log_header(self, writer: SummaryWriter) -> None:
         """Once per fresh run: the resolved config, the HParams declaration, size scalars."""
         log_config(writer, OmegaConf.to_yaml(self.config))
+        logged = self.logged_metrics()  # first: a task may settle its metric networks here
         declared = [self.monitor.name] if self.monitor.name else []
-        declared += [m for m in self.logged_metrics() if m not in declared]
+        declared += [m for m in logged if m not in declared]
         log_hparams(writer, self.hparams, declared)
         writer.add_scalar("model/params", self.params, 0)
         writer.add_scalar("model/flops", self.flops, 0)
