@@ -1,6 +1,7 @@
 """The GAN trainer: every model x loss trains a few steps, resume is exact, sample mode, errors."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,72 @@ def test_auto_features_without_any_network_warn_once_and_skip(
     cfg = make_cfg(*QUICK, "model=gan", "trainer.max_epochs=3")
     metrics = run(cfg, tmp_path)
     assert len(tries) == 1 and not any("fid" in k for k in metrics)
+
+
+TINY = ("model=gan", "model.g_hidden=[16,32]", "model.d_hidden=[16]", "model.latent_dim=8")
+
+
+@pytest.fixture
+def no_fid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FID network (offline): the runs below compare losses, not sample quality."""
+
+    def offline(*_args: object, **_kwargs: object) -> None:
+        raise UserError("no Inception weights here")
+
+    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
+
+
+def test_compile_wraps_both_gan_networks_and_changes_no_loss(
+    make_cfg, tmp_path: Path, no_fid: None
+) -> None:
+    from dlrun.cli import build_trainer
+
+    cfg = make_cfg(*QUICK, *TINY, "trainer.compile=true", "trainer.max_steps=4")
+    trainer = build_trainer(cfg, tmp_path / "built")
+    calls = {"generator": 0, "discriminator": 0}
+
+    def counted(role: str, net: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def call(*args: torch.Tensor) -> torch.Tensor:
+            calls[role] += 1
+            return net(*args)
+
+        return call
+
+    for role in ("generator", "discriminator"):
+        net = trainer.nets[role]
+        assert getattr(net, "_orig_mod", None) is getattr(trainer.model, role), role
+        assert trainer.net(role) is net
+        trainer.nets[role] = counted(role, net)  # the steps must call these, not the plain ones
+    compiled = trainer.fit()
+    # Per step: g(z) once; D on the reals, the detached fakes, and the fakes for G's loss.
+    assert calls == {"generator": 4, "discriminator": 3 * 4}
+    plain = run(make_cfg(*QUICK, *TINY, "trainer.max_steps=4"), tmp_path / "plain")
+    assert compiled["step"] == plain["step"] == 4
+    for key in ("train/loss_d", "train/loss_g", "train/d_x", "train/d_g_z"):
+        assert compiled[key] == pytest.approx(plain[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("loss", ["nonsaturating", "wgan_gp"])
+def test_the_generator_runs_once_per_training_step(
+    make_cfg, tmp_path: Path, no_fid: None, loss: str
+) -> None:
+    """g(z) once per step, its fakes reused for both updates (the BatchNorm statistics move once).
+
+    Sample grids and evaluation call it too, in eval mode without gradients: not counted.
+    """
+    from dlrun.cli import build_trainer
+
+    steps = 6
+    cfg = make_cfg(*QUICK, *TINY, f"loss={loss}", f"trainer.max_steps={steps}",
+                   "trainer.sample_every_n_steps=2")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path)
+    calls = {"train": 0, "eval": 0}
+
+    def count(module: torch.nn.Module, _inputs: object, _output: object) -> None:
+        calls["train" if module.training and torch.is_grad_enabled() else "eval"] += 1
+
+    trainer.model.generator.register_forward_hook(count)
+    metrics = trainer.fit()
+    assert metrics["step"] == steps
+    assert calls["train"] == steps
+    assert calls["eval"] >= steps // 2  # the hook did see the sample grids: it counts every call

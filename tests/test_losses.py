@@ -11,13 +11,15 @@ def test_cross_entropy_of_uniform_scores_is_log_k() -> None:
 
 
 def test_cross_entropy_label_smoothing_known_answer() -> None:
-    # Two classes, scores (0, 0): every target distribution gives log 2.
+    # Two classes, scores (2, 0), true class 0, eps = 0.1 spread over K = 2 classes: targets
+    # (1 - eps + eps/K, eps/K) = (0.95, 0.05). -log softmax = (log(1 + e^-2), 2 + log(1 + e^-2))
+    # = (0.126928011, 2.126928011), so the loss is 0.95 * 0.126928011 + 0.05 * 2.126928011
+    # = log(1 + e^-2) + 0.1 = 0.226928011 (without smoothing: 0.126928011).
     logits, target = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
-    p = torch.log_softmax(logits, 1)[0]
-    expected = -(0.95 * p[0] + 0.05 * p[1])  # eps=0.1 spread over K=2 classes
     assert cross_entropy(logits, target, label_smoothing=0.1).item() == pytest.approx(
-        expected.item()
+        0.226928011, abs=1e-6
     )
+    assert cross_entropy(logits, target).item() == pytest.approx(0.126928011, abs=1e-6)
 
 
 def test_hinge_matches_the_notes_worked_example() -> None:

@@ -153,30 +153,19 @@ def test_mixed_precision_runs_on_cpu(make_cfg, tmp_path: Path, precision: str) -
 
 
 def test_compiled_run_checkpoint_loads_into_a_plain_model(make_cfg, tmp_path: Path) -> None:
-    run(
-        make_cfg(
-            "model=linear", "trainer.compile=true", "trainer.max_steps=2", "data.batch_size=100"
-        ),
-        tmp_path / "compiled",
-    )
+    """compile changes nothing but speed: same losses as the plain run, a plain checkpoint."""
+    same = ("model=linear", "trainer.max_steps=2", "data.batch_size=100")
+    compiled = run(make_cfg(*same, "trainer.compile=true"), tmp_path / "compiled")
+    plain = run(make_cfg(*same), tmp_path / "plain")
+    for key in ("train/loss", "val/loss"):  # CPU inductor fuses differently: float rounding only
+        assert compiled[key] == pytest.approx(plain[key], rel=1e-4), key
+    assert compiled["val/acc"] == plain["val/acc"]
     ckpt = tmp_path / "compiled" / "checkpoints" / "last.pt"
-    metrics = run(make_cfg("model=linear", "mode=eval", f"ckpt={ckpt}"), tmp_path / "plain")
-    assert 0 <= metrics["test/acc"] <= 1
-
-
-def test_ddp_wrapped_model_checkpoints_like_a_plain_one(tmp_path: Path) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        assert list(ddp.state_dict())[0].startswith("module.")
-        assert checkpoint.unwrap(ddp).state_dict().keys() == model.state_dict().keys()
-    finally:
-        dist.destroy_process_group()
+    assert not any("_orig_mod" in k for k in torch.load(ckpt, weights_only=True)["model"])
+    metrics = run(make_cfg("model=linear", "mode=eval", f"ckpt={ckpt}"), tmp_path / "eval")
+    # val is the test split by default: the plain model scores the weights as the run did.
+    assert metrics["test/loss"] == pytest.approx(compiled["val/loss"], rel=1e-4)
+    assert metrics["test/acc"] == compiled["val/acc"]
 
 
 @pytest.mark.parametrize(

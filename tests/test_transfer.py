@@ -115,3 +115,26 @@ def test_nothing_left_to_train_is_a_user_error(make_cfg, tmp_path, monkeypatch) 
     monkeypatch.setattr(transfer, "freeze", freeze_everything)
     with pytest.raises(UserError, match="nothing to train: every parameter is frozen"):
         run(make_cfg(*LENET, "freeze=backbone"), tmp_path)
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics(make_cfg, tmp_path) -> None:
+    """A frozen stage runs in eval mode: its BatchNorm statistics stay those it was loaded with.
+
+    LeNet's stages are its layers: features.0 conv, .1 BatchNorm, .2 act, .3 pool, .4 conv, .5
+    BatchNorm, ...; freeze=2 freezes the first conv and its BatchNorm.
+    """
+    bn = ("model=lenet", "model.activation=relu", "model.batchnorm=true", "data.batch_size=50")
+    run(make_cfg(*bn, "trainer.max_epochs=1"), tmp_path / "pre")
+    pre = tmp_path / "pre" / "checkpoints" / "last.pt"
+    # Two epochs with an evaluation between them: eval() and back must leave the stage frozen.
+    run(make_cfg(*bn, f"ckpt={pre}", "freeze=2", "trainer.max_epochs=2"), tmp_path / "frozen")
+    before, after = weights(pre), weights(tmp_path / "frozen" / "checkpoints" / "last.pt")
+    for name in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"):
+        key = f"features.1.{name}"
+        assert torch.equal(before[key], after[key]), key
+    for name in ("running_mean", "running_var", "num_batches_tracked"):  # the unfrozen BatchNorm
+        key = f"features.5.{name}"
+        assert not torch.equal(before[key], after[key]), key
+    assert int(after["features.5.num_batches_tracked"]) == int(
+        before["features.5.num_batches_tracked"]
+    ) + 8  # 2 epochs x 4 batches
