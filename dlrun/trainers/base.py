@@ -299,16 +299,20 @@ class Trainer(RunModes, Stops, ResumableRun):
         loader = self.train_loader()
         batches = loader.iterate(p.position if p.batch else None)
         n_batches = len(loader)
+        skip, distributed = self.guard.policy == "skip", dist.initialized()
         for batch in self._bar(batches, n_batches, p.batch):
             if self.step_count >= self.max_steps:
                 break
             boundary = (p.batch + 1) % self.accumulate == 0 or p.batch + 1 == n_batches
             self.opt.begin(boundary)
-            out = dict(self.step(batch))
+            out = self.step(batch)
             self.opt.end()
-            for role, norm in self.opt.grad_norms.items():
-                out["grad_norm" if role == "model" else f"grad_norm_{role}"] = (norm, 1)
-            if self.guard.policy == "skip":
+            if self.opt.grad_norms:
+                out = dict(out) | {
+                    "grad_norm" if role == "model" else f"grad_norm_{role}": (norm, 1)
+                    for role, norm in self.opt.grad_norms.items()
+                }
+            if skip:
                 out = self.guard.masked(out, self.step_count)
             p.batch += 1
             p.window_seen += batch_items(batch)
@@ -328,7 +332,9 @@ class Trainer(RunModes, Stops, ResumableRun):
                 self.train_mode()
                 if self.monitor.stopped_early:
                     break
-            stop = dist.any_rank(self.stop.received is not None, self.device)
+            stop = self.stop.received is not None
+            if distributed:  # every rank stops at the same step (one all-reduce per step)
+                stop = dist.any_rank(stop, self.device)
             ckpt_due = self.checkpoint_every and self.step_count % self.checkpoint_every == 0
             if (stop or ckpt_due or val_due) and p.batch < n_batches:
                 self._sync()

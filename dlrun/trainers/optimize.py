@@ -79,7 +79,8 @@ class Optimization:
     def begin(self, boundary: bool) -> None:
         """Before a batch: whether it completes an optimizer step (accumulation)."""
         self.boundary = boundary
-        self.grad_norms = {}
+        if self.grad_norms:
+            self.grad_norms = {}
 
     def backward_step(self, loss: Tensor, role: str) -> None:
         """Backward (scaled, divided over the accumulated batches); step where the batch ends one."""
