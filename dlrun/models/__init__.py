@@ -16,7 +16,8 @@ LEGACY_TRAINING_KEYS = ("freeze",)
 
 def model_kwargs(node: DictConfig | dict) -> dict[str, Any]:
     """A (possibly older) checkpoint's model config as constructor kwargs: legacy keys dropped."""
-    kwargs = OmegaConf.to_container(OmegaConf.create(node), resolve=True)
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
+    kwargs = OmegaConf.to_container(node, resolve=True)  # a sub-node resolves through its parent
     return {k: v for k, v in kwargs.items() if k not in LEGACY_TRAINING_KEYS}
 
 
