@@ -1,15 +1,36 @@
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dlrun.cli import CONFIG_DIR
+from dlrun.errors import UserError
 from tests.fixtures import write_cifar_pickles, write_idx, write_png_folder
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: with 2 threads on a busy 2-core box each op waits for a descheduled peer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_fid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FID network, as offline without the Inception weights: a GAN run has no val/fid."""
+
+    def offline(*_args: object, **_kwargs: object) -> None:
+        raise UserError("no Inception weights here")
+
+    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
 
 
 @pytest.fixture(scope="session")

@@ -184,15 +184,6 @@ def test_auto_features_without_any_network_warn_once_and_skip(
 TINY = ("model=gan", "model.g_hidden=[16,32]", "model.d_hidden=[16]", "model.latent_dim=8")
 
 
-@pytest.fixture
-def no_fid(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No FID network (offline): the runs below compare losses, not sample quality."""
-
-    def offline(*_args: object, **_kwargs: object) -> None:
-        raise UserError("no Inception weights here")
-
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
-
 
 def test_compile_wraps_both_gan_networks_and_changes_no_loss(
     make_cfg, tmp_path: Path, no_fid: None

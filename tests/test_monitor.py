@@ -3,12 +3,10 @@ early stopping, val_every_n_*, the test-split warning, the HParams declaration, 
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -23,14 +21,7 @@ LINEAR = ("model=linear", "optim=sgd", "optim.momentum=0", "optim.weight_decay=0
           "data.batch_size=50")  # fmt: skip
 TEST_SPLIT_WARNING = "is measured on the test split (data.val_split=0)"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models: with 2 threads on a busy 2-core box each op waits for a descheduled peer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each (conftest)
 
 
 def stable(metrics: dict) -> dict:
@@ -245,15 +236,6 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Pat
     return out / "checkpoints" / "last.pt"
 
 
-@pytest.fixture
-def offline_fid(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No Inception weights, as on a machine without a network and an empty torch hub cache."""
-
-    def offline(*_args: object, **_kwargs: object) -> None:
-        raise UserError("no Inception weights here")
-
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
-
 
 TINY_GAN = ("model=gan", "model.g_hidden=[32,64]", "model.d_hidden=[64,32]", "data.batch_size=50",
             "trainer.max_steps=4", "metrics.n=100")  # fmt: skip
@@ -268,7 +250,7 @@ TINY_GAN = ("model=gan", "model.g_hidden=[32,64]", "model.d_hidden=[64,32]", "da
     ],
 )
 def test_a_gan_declares_only_tags_it_logs(
-    make_cfg, tmp_path: Path, classifier: Path, offline_fid: None, features: str,
+    make_cfg, tmp_path: Path, classifier: Path, no_fid: None, features: str,
     with_ckpt: bool, fid: set[str],
 ) -> None:  # fmt: skip
     ckpt = (f"metrics.fid.ckpt={classifier}",) if with_ckpt else ()

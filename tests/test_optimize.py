@@ -3,8 +3,8 @@ role, and the closure path (L-BFGS) of `Trainer.optimize_closure`."""
 
 import functools
 import math
+import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,7 @@ TIMING = ("time/", "images_per_s")
 # Plain SGD on the linear classifier: an update is exactly -lr * gradient.
 SGD = ("model=linear", "optim=sgd", "optim.momentum=0", "optim.weight_decay=0", "sched=none")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models: with 2 threads on a busy 2-core box each op waits for a descheduled peer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each (conftest)
 
 
 def stable(metrics: dict) -> dict:
@@ -58,16 +51,6 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The Euclidean norm of the difference of two state dicts, all tensors together."""
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))
-
-
-@pytest.fixture
-def offline_fid(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No Inception weights (as offline): a GAN run with metrics.fid.features=auto has no FID."""
-
-    def offline(*_args: object, **_kwargs: object) -> None:
-        raise UserError("no Inception weights here")
-
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
 
 
 # ----- 1. gradient clipping -------------------------------------------------------------------------
@@ -235,7 +218,7 @@ def scaler_updates(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_a_gan_updates_the_grad_scaler_once_per_step(
-    make_cfg, tmp_path: Path, scaler_updates: list[int], offline_fid: None
+    make_cfg, tmp_path: Path, scaler_updates: list[int], no_fid: None
 ) -> None:
     cfg = make_cfg("model=gan", "model.g_hidden=[32,64]", "model.d_hidden=[64,32]",
                    "data.batch_size=50", "trainer.precision=fp16", "trainer.max_steps=5",
@@ -260,7 +243,7 @@ WGAN = ("model=dcgan", "loss=wgan_gp", "model.g_width=8", "model.d_width=8", "da
 
 @pytest.mark.parametrize("sched", ["cosine", "onecycle"])
 def test_each_role_schedule_spans_the_steps_it_takes(
-    make_cfg, tmp_path: Path, offline_fid: None, sched: str
+    make_cfg, tmp_path: Path, no_fid: None, sched: str
 ) -> None:
     """WGAN-GP: 5 critic steps per generator step; 20 steps: the generator takes 4."""
     cfg = make_cfg(*WGAN, f"sched={sched}")
@@ -417,3 +400,27 @@ def test_the_closure_path_refuses_what_it_cannot_do(tmp_path: Path, setting: dic
     with pytest.raises(UserError, match=f"closure optimizer.*{key}"):
         trainer.fit()
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.grad_clip=0", "trainer.grad_clip must be a number > 0 or null, got 0"),
+        (
+            "trainer.accumulate_grad_batches=0",
+            "trainer.accumulate_grad_batches must be an integer >= 1",
+        ),
+    ],
+)
+def test_bad_clip_or_accumulation_is_a_user_error(
+    make_cfg, tmp_path: Path, override: str, message: str
+):
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(make_cfg(*SGD, override), tmp_path)
+
+
+def test_accumulation_on_a_gan_is_refused_naming_the_key(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("model=gan", "trainer.accumulate_grad_batches=2")
+    with pytest.raises(UserError, match="trainer.accumulate_grad_batches must be 1 for a GAN"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,4 +1,3 @@
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,14 +17,7 @@ RESNETS = {
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small inputs: with 2 threads on a busy 2-core box each op waits for a descheduled peer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread each (conftest)
 
 
 def torchvision_model(name: str) -> nn.Module:
