@@ -4,6 +4,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (
     ConstantLR,
     CosineAnnealingLR,
+    LambdaLR,
     LinearLR,
     LRScheduler,
     OneCycleLR,
@@ -93,6 +94,22 @@ def onecycle(
     )
 
 
+def linear_decay(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    decay_start: float = 0.5,
+) -> LRScheduler:
+    """CycleGAN's schedule: the optimizer's lr for the first `decay_start` share of the run, then
+    linearly down to zero at its end (the authors' n_epochs + n_epochs_decay, stepped per
+    optimizer step instead of per epoch)."""
+    start = round(decay_start * total_steps)
+    span = max(1, total_steps - start)
+    return LambdaLR(optimizer, lambda step: 1.0 - max(0, step - start) / span)
+
+
 # resume=true refuses a changed run length for these: their lr curve is laid out over total_steps.
 cosine.needs_total_steps = True  # type: ignore[attr-defined]
 onecycle.needs_total_steps = True  # type: ignore[attr-defined]
+linear_decay.needs_total_steps = True  # type: ignore[attr-defined]

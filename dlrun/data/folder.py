@@ -19,6 +19,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # data.bad_images: an image file that cannot be decoded stops the run, or is left out.
 BAD_IMAGE_POLICIES = ("error", "skip")
 SHOWN_FAILURES = 5  # how many undecodable files a message names
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 def list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -33,12 +34,13 @@ def list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _decode(path: Path, channels: int, image_size: int) -> Tensor:
+def _decode(path: Path, channels: int, image_size: int, resample: str = "bilinear") -> Tensor:
     # PIL rather than torchvision.io, whose image codecs are deprecated from torchvision 0.29.
+    # convert() also turns the odd greyscale (or palette, CMYK) file into RGB.
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            img = img.resize((image_size, image_size), RESAMPLE[resample])
         array = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
 
@@ -59,18 +61,23 @@ def _cache_key(
     channels: int,
     size: int,
     bad_images: str = "error",
+    resample: str = "bilinear",
 ) -> str:
     # Path, count, newest mtime, the decode settings and the bad-image policy: a changed folder
     # gets a new cache file, and a cache that left bad images out is not used under `error`.
     newest = max((_mtime(p) for p, _ in files), default=0)
     text = f"v3|{split_dir.resolve()}|{len(files)}|{newest}|{channels}|{size}|{bad_images}"
+    if resample != "bilinear":  # the keys of caches written before resampling was a choice stay
+        text += f"|{resample}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _try_decode(path: Path, channels: int, image_size: int) -> Tensor | str:
+def _try_decode(
+    path: Path, channels: int, image_size: int, resample: str = "bilinear"
+) -> Tensor | str:
     """The decoded image, or why it could not be decoded (one line)."""
     try:
-        return _decode(path, channels, image_size)
+        return _decode(path, channels, image_size, resample)
     except Exception as err:  # any failure of PIL on an image file: empty, truncated, not an image
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
@@ -111,9 +118,59 @@ def read_split(
             [split_dir],
             "put the images in <split>/<class>/ sub-folders",
         )
+    # Class folders list one class after another; a fixed shuffle makes `data.train_subset` (the
+    # first N images) and the logged image grid a mix of classes, as in the official CIFAR batches.
+    x, y = decode_files(
+        split_dir, files, channels, image_size, cache_dir, workers, bad_images, shuffle=True
+    )
+    return x, y, classes
+
+
+def read_flat(
+    folder: Path,
+    channels: int,
+    image_size: int,
+    cache_dir: Path | None,
+    workers: int = 0,
+    bad_images: str = "error",
+    resample: str = "bilinear",
+) -> Tensor:
+    """Every image directly in `folder`, in file-name order, as (N, C, S, S) uint8 (cached)."""
+    _check_policy(bad_images)
+    files = (
+        [
+            (Path(e.path), 0)
+            for e in sorted(os.scandir(folder), key=lambda e: e.name)
+            if Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if folder.is_dir()
+        else []
+    )
+    if not files:
+        raise UserError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    x, _ = decode_files(
+        folder, files, channels, image_size, cache_dir, workers, bad_images, resample=resample
+    )
+    return x
+
+
+def decode_files(
+    split_dir: Path,
+    files: list[tuple[Path, int]],
+    channels: int,
+    image_size: int,
+    cache_dir: Path | None,
+    workers: int = 0,
+    bad_images: str = "error",
+    *,
+    shuffle: bool = False,
+    resample: str = "bilinear",
+) -> tuple[Tensor, Tensor]:
+    """Decode (path, label) pairs into (N, C, S, S) uint8 and labels, or read the cache of an
+    earlier decode of the same files; `shuffle`: a fixed permutation (seed 0) of the result."""
     cache = None
     if cache_dir is not None:
-        key = _cache_key(split_dir, files, channels, image_size, bad_images)
+        key = _cache_key(split_dir, files, channels, image_size, bad_images, resample)
         cache = cache_dir / f"{split_dir.name}-{key}.pt"
         if cache.is_file():
             try:
@@ -124,14 +181,14 @@ def read_split(
                     and x.shape[1:] == (channels, image_size, image_size)
                     and len(x) == len(y)
                 ):
-                    return x, y, classes
+                    return x, y
             except Exception as err:  # a damaged cache file is decoded again, not trusted
                 log.warning("ignoring the damaged cache file %s (%s): decoding again", cache, err)
             else:
                 log.warning("ignoring the cache file %s, which does not fit: decoding again", cache)
     log.info("decoding %d images in %s (once: the result is cached)", len(files), split_dir)
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda f: _try_decode(f[0], channels, image_size), files))
+        results = list(pool.map(lambda f: _try_decode(f[0], channels, image_size, resample), files))
     failed = [(path, r) for (path, _), r in zip(files, results, strict=True) if isinstance(r, str)]
     if failed:
         if bad_images == "error":
@@ -157,11 +214,11 @@ def read_split(
     kept = [
         (r, label) for (_, label), r in zip(files, results, strict=True) if not isinstance(r, str)
     ]
-    # Class folders list one class after another; a fixed shuffle makes `data.train_subset` (the
-    # first N images) and the logged image grid a mix of classes, as in the official CIFAR batches.
-    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(0))
-    x = torch.stack([image for image, _ in kept])[order]
-    y = torch.tensor([label for _, label in kept])[order]
+    x = torch.stack([image for image, _ in kept])
+    y = torch.tensor([label for _, label in kept])
+    if shuffle:
+        order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(0))
+        x, y = x[order], y[order]
     if cache is not None:  # only a complete decode (every image, or every good one when skipping)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         try:
@@ -173,7 +230,7 @@ def read_split(
                 "could not write the decode cache %s (%s); continuing without it", cache, err
             )
             tmp.unlink(missing_ok=True)
-    return x, y, classes
+    return x, y
 
 
 def load(

@@ -1,0 +1,50 @@
+"""dlrun classifier checkpoints used as measuring instruments (FID features, domain scores)."""
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from dlrun import checkpoint
+from dlrun.errors import UserError
+from dlrun.metrics import ClassifierFeatures
+from dlrun.models import model_kwargs
+
+
+def load_classifier(
+    path: str | Path,
+    device: torch.device,
+    *,
+    key: str,
+    data_name: str | None = None,
+    image_size: int | None = None,
+) -> tuple[ClassifierFeatures, dict]:
+    """The classifier of a dlrun checkpoint, in eval mode on `device`, and its config.
+
+    `key` names the config key that gave the path (for messages); `data_name` / `image_size`,
+    when given, must match what it was trained on: a classifier of other images measures nothing.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{key}={path}: there is no such file.")
+    state = checkpoint.load(path)
+    cfg = state.get("config", {})
+    if "model" not in cfg or "data" not in cfg:
+        raise UserError(f"{key}={path} is not a dlrun classifier checkpoint.")
+    made_for = cfg["data"].get("name")
+    if data_name is not None and made_for != data_name:
+        raise UserError(
+            f"{key}={path} is a classifier of {made_for}, not of {data_name}: its outputs "
+            "would not describe these images."
+        )
+    size = cfg["data"].get("image_size")
+    if image_size is not None and size != image_size:
+        raise UserError(
+            f"{key}={path} was trained on {size} px images but these are {image_size} px; "
+            f"train one at data.image_size={image_size}."
+        )
+    net = instantiate(model_kwargs(OmegaConf.create(cfg["model"])))
+    checkpoint.load_model_state(net, state, path)
+    net = net.to(device).eval()
+    return ClassifierFeatures(net, cfg["data"]["mean"], cfg["data"]["std"]), cfg
