@@ -93,10 +93,10 @@ def _batched(fn: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) ->
 
 
 class InceptionFeatures:
-    """The 2048-d pool features of torchvision's ImageNet Inception-v3 (the FID network).
+    """The 2048-d pool features of torchvision's ImageNet Inception-v3 (val/fid_tv).
 
-    torchvision's weights are not the TF graph of the FID paper (pytorch-fid's pt_inception):
-    its FIDs rank models the same way but are not comparable with published numbers.
+    torchvision's weights are not the TF graph of the FID paper (TFInceptionFeatures): its FIDs
+    rank models the same way but are not comparable with published numbers.
     """
 
     def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64) -> None:
@@ -133,6 +133,78 @@ class InceptionFeatures:
         # ImageNet-normalised input: torchvision's model (transform_input=True) maps it back to
         # the [-1, 1] scaling its ported weights expect.
         return self.net((x - self.mean) / self.std)
+
+    def __call__(self, images: Tensor) -> Tensor:  # (N, C, H, W) in [-1, 1] -> (N, 2048) CPU
+        return _batched(self._features, images, self.batch_size)
+
+
+TF_INCEPTION_EXTRA = "pip install 'dlrun[fid]'"  # torch-fidelity: the TF-Inception port
+
+
+class TFInceptionFeatures:
+    """The 2048-d pool features of the TF Inception graph of the FID paper (torch-fidelity's port).
+
+    torch-fidelity's `inception-v3-compat` network (the graph pytorch-fid also ports) with its
+    converted weights: FIDs / KIDs comparable with published figures, given the same images and
+    sample counts. It takes uint8 images and resizes them to 299 px as TensorFlow 1.x did.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        weights_path: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import (
+                URL_INCEPTION_V3,
+                FeatureExtractorInceptionV3,
+            )
+        except ImportError as err:
+            raise UserError(
+                "FID on the TF Inception graph (metrics.fid.features=inception) needs "
+                f"torch-fidelity, which is not installed ({err}): {TF_INCEPTION_EXTRA}, or use "
+                "metrics.fid.features=inception_tv (torchvision's Inception, val/fid_tv) or "
+                "metrics.fid.features=ckpt."
+            ) from err
+        path = str(Path(weights_path).expanduser()) if weights_path else None
+        try:
+            # weights_path None: torch.hub's cache, downloading there the first time.
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat",
+                ["2048"],
+                feature_extractor_weights_path=path,
+                verbose=False,
+            )
+        except Exception as err:  # offline with an empty cache, a torn file, the wrong file
+            where = Path(torch.hub.get_dir()) / "checkpoints"
+            name = Path(URL_INCEPTION_V3).name
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            what = (
+                f"metrics.fid.weights={path} could not be loaded"
+                if path
+                else f"{name} could neither be loaded from torch's hub cache nor downloaded"
+            )
+            raise UserError(
+                f"FID on the TF Inception graph needs torch-fidelity's Inception weights, and "
+                f"{what} ({type(err).__name__}: {reason}). Download "
+                f"{URL_INCEPTION_V3} on a machine with a network and place {name} in {where}/ "
+                "(torch.hub.get_dir()/checkpoints/), or pass its path as metrics.fid.weights=PATH; "
+                "or use metrics.fid.features=inception_tv (torchvision's Inception, val/fid_tv) "
+                "or metrics.fid.features=ckpt (a dlrun classifier's features)."
+            ) from err
+        self.net = net.to(device)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def _features(self, images: Tensor) -> Tensor:  # (B, 1|3, H, W) in [-1, 1] -> (B, 2048)
+        x = images.to(self.device, torch.float32).clamp(-1, 1)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey -> RGB
+        # The 8-bit pixels an image file of these samples would hold: what the network expects.
+        pixels = ((x + 1) * 127.5).round().to(torch.uint8)
+        return self.net(pixels)[0]
 
     def __call__(self, images: Tensor) -> Tensor:  # (N, C, H, W) in [-1, 1] -> (N, 2048) CPU
         return _batched(self._features, images, self.batch_size)

@@ -1,6 +1,8 @@
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -25,12 +27,55 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def no_fid(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No FID network, as offline without the Inception weights: a GAN run has no val/fid."""
+    """No FID network, as offline without either Inception's weights: a GAN run has no val/fid."""
 
     def offline(*_args: object, **_kwargs: object) -> None:
         raise UserError("no Inception weights here")
 
     monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
+    monkeypatch.setattr("dlrun.metrics.TFInceptionFeatures", offline)
+
+
+def need_extra(module: str, extra: str) -> ModuleType:
+    """Import an optional extra's module: skip without it, but fail under CI (which installs it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        why = f"{module} is not installed (pip install -e '.[{extra}]'): {err}"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(f"CI installs every extra, yet {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def torch_fidelity() -> ModuleType:
+    """torch-fidelity's TF-Inception module (the fid extra): skipped without it, failed in CI."""
+    return need_extra("torch_fidelity.feature_extractor_inceptionv3", "fid")
+
+
+@pytest.fixture(scope="session")
+def tf_inception_weights(
+    torch_fidelity: ModuleType, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """torch-fidelity's TF-Inception network with random weights, saved as its real weights are.
+
+    Conv weights scaled by sqrt(6) (ReLU + PyTorch's default init would shrink the activations
+    about 6-fold a layer), so the features are O(1) rather than 1e-8.
+    """
+    tf = torch_fidelity
+    # Built without loading (or downloading) any weights; the global RNG left as it was.
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
+        mp.setattr(tf, "load_state_dict_from_url", lambda *_args, **_kwargs: {})
+        mp.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda *_a, **_k: None)
+        torch.manual_seed(0)
+        net = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(6**0.5)
+    path = tmp_path_factory.mktemp("tf_inception") / Path(tf.URL_INCEPTION_V3).name
+    torch.save(net.state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope="session")

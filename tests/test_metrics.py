@@ -1,6 +1,8 @@
+import sys
 import time
 import urllib.error
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from dlrun.errors import UserError
 from dlrun.metrics import (
     ClassifierFeatures,
     InceptionFeatures,
+    TFInceptionFeatures,
     fid_from_features,
     frechet_distance,
     kid_from_features,
@@ -129,3 +132,81 @@ def test_inception_offline_raises_a_user_error_fast(
     assert "inception_v3_google-0cc3c7bd.pth" in msg
     assert str(tmp_path / "hub" / "checkpoints") in msg
     assert "metrics.fid.features=ckpt" in msg
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
+    """An empty torch hub cache at torch_home, and no network: a download fails at once."""
+
+    def no_network(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+def test_tf_inception_features_from_a_weights_file(
+    tf_inception_weights: Path, one_thread: None
+) -> None:
+    """The real weights' loading path (metrics.fid.weights=PATH), with random weights."""
+    extract = TFInceptionFeatures("cpu", weights_path=str(tf_inception_weights), batch_size=4)
+    levels = torch.randint(0, 256, (4, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    grey = levels / 127.5 - 1  # exactly 8-bit levels, in [-1, 1]
+    feats = extract(grey)
+    assert feats.shape == (4, 2048) and feats.dtype == torch.float32 and feats.device.type == "cpu"
+    assert feats.isfinite().all() and feats.std() > 0
+    assert not torch.equal(feats[0], feats[1])  # other images, other features
+    # Batches of 4: the same again (deterministic); rounded to 8-bit pixels first, so a nudge
+    # under half a level changes nothing; grey is RGB with three equal channels.
+    again, nudged = extract(torch.cat([grey, grey + 0.003])).split(4)
+    assert torch.equal(again, feats) and torch.equal(nudged, feats)
+    assert torch.equal(extract(grey.expand(-1, 3, -1, -1)), feats)
+
+
+def test_tf_inception_reads_torch_hubs_cache(
+    tf_inception_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """weights_path None: the file torch-fidelity would download, found in the cache offline."""
+    _no_network(monkeypatch, tmp_path)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / tf_inception_weights.name).symlink_to(tf_inception_weights)
+    feats = TFInceptionFeatures("cpu")(torch.zeros(2, 3, 8, 8))
+    assert feats.shape == (2, 2048) and feats.isfinite().all()
+
+
+def test_tf_inception_offline_raises_a_user_error_fast(
+    torch_fidelity: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_network(monkeypatch, tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        TFInceptionFeatures("cpu")
+    assert time.perf_counter() - start < 10
+    msg = str(err.value)
+    assert "\n" not in msg and "URLError: <urlopen error no network>" in msg
+    assert torch_fidelity.URL_INCEPTION_V3 in msg  # where to get it, where to put it
+    assert (
+        f"place weights-inception-2015-12-05-6726825d.pth in {tmp_path / 'hub' / 'checkpoints'}/"
+        in msg
+    )
+    assert "metrics.fid.weights=PATH" in msg and "metrics.fid.features=inception_tv" in msg
+
+
+def test_tf_inception_with_a_bad_weights_file_names_it(
+    torch_fidelity: ModuleType, tmp_path: Path
+) -> None:
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint")
+    for path in (bad, tmp_path / "missing.pth"):
+        with pytest.raises(UserError, match="needs torch-fidelity's Inception weights") as err:
+            TFInceptionFeatures("cpu", weights_path=str(path))
+        assert f"metrics.fid.weights={path} could not be loaded" in str(err.value)
+
+
+def test_tf_inception_without_torch_fidelity_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(UserError, match=r"needs torch-fidelity.*pip install 'dlrun\[fid\]'"):
+        TFInceptionFeatures("cpu")
