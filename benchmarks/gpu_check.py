@@ -459,6 +459,7 @@ def summarize(metrics: dict[str, Any] | None) -> dict[str, Any]:
         "train/loss_d",
         "train/loss_g",
         "val/fid",
+        "val/fid_tv",
         "val/fid_classifier",
         "val/mode_coverage",
         "step",
@@ -730,7 +731,7 @@ def markdown(doc: dict[str, Any]) -> str:
         notes = list(r.get("notes", []))
         if r.get("train/loss_d") is not None:
             notes.append(f"loss_d {fmt(r['train/loss_d'])} loss_g {fmt(r.get('train/loss_g'))}")
-        for key in ("val/fid_classifier", "val/fid"):
+        for key in ("val/fid_classifier", "val/fid", "val/fid_tv"):
             if r.get(key) is not None:
                 notes.append(f"{key.split('/')[1]} {fmt(r[key])}")
         if r.get("reason"):

@@ -130,7 +130,9 @@ def test_fid_classifier_of_other_data_is_a_user_error(
     make_cfg, classifier: Path, tmp_path: Path
 ) -> None:
     cfg = gan_cfg(make_cfg, classifier, "model=dcgan", "data=cifar10", "trainer.max_steps=1")
-    with pytest.raises(UserError, match="is a classifier of mnist, but this GAN trains on cifar10"):
+    with pytest.raises(
+        UserError, match="metrics.fid.ckpt=.* is a classifier of mnist, not of cifar10"
+    ):
         run(cfg, tmp_path)
 
 
@@ -175,14 +177,66 @@ def test_auto_features_without_any_network_warn_once_and_skip(
         tries.append(1)
         raise UserError("no Inception weights here")
 
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
+    def torchvision(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("auto never falls back to torchvision's Inception")
+
+    monkeypatch.setattr("dlrun.metrics.TFInceptionFeatures", offline)
+    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", torchvision)
     cfg = make_cfg(*QUICK, "model=gan", "trainer.max_epochs=3")
     metrics = run(cfg, tmp_path)
     assert len(tries) == 1 and not any("fid" in k for k in metrics)
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()  # nothing to select on
+
+
+# A tiny GAN, 2 steps, FID / KID on 4 images each side (KID needs 2): the feature network is slow.
+TINY_FID = ("data.batch_size=50", "metrics.n=4", "model=gan", "model.g_hidden=[16,32]",
+            "model.d_hidden=[16]", "model.latent_dim=8", "trainer.max_steps=2")  # fmt: skip
+
+
+class PixelFeatures:
+    """A stand-in for torchvision's Inception (its weights are not here): 4x4-pooled pixels."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1).float().cpu()
+
+
+def test_inception_tv_features_log_fid_tv(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", PixelFeatures)
+    metrics = run(make_cfg(*TINY_FID, "metrics.fid.features=inception_tv"), tmp_path)
+    assert {k for k in metrics if "fid" in k or "kid" in k} == {"val/fid_tv", "val/kid_tv"}
+    assert metrics["val/fid_tv"] >= 0
+    assert (tmp_path / "checkpoints" / "best.pt").exists()  # the monitor followed: val/fid_tv
+
+
+@pytest.mark.parametrize("features", ["inception", "auto"])
+def test_tf_inception_weights_file_logs_fid_and_kid(
+    make_cfg, tmp_path: Path, tf_inception_weights: Path, one_thread: None, features: str
+) -> None:
+    """metrics.fid.weights=PATH (random weights here): val/fid, val/kid on the TF Inception."""
+    cfg = make_cfg(*TINY_FID, f"metrics.fid.features={features}",
+                   f"metrics.fid.weights={tf_inception_weights}")  # fmt: skip
+    metrics = run(cfg, tmp_path)
+    assert {k for k in metrics if "fid" in k or "kid" in k} == {"val/fid", "val/kid"}
+    assert metrics["val/fid"] >= 0 and metrics["val/kid"] == metrics["val/kid"]  # not NaN
+    assert (tmp_path / "checkpoints" / "best.pt").exists()  # the monitor: val/fid
+
+
+def test_auto_with_unusable_tf_weights_is_an_error_not_a_fallback(
+    make_cfg, classifier: Path, tmp_path: Path, torch_fidelity: object
+) -> None:
+    missing = tmp_path / "missing.pth"
+    cfg = make_cfg(*TINY_FID, "metrics.fid.features=auto", f"metrics.fid.weights={missing}",
+                   f"metrics.fid.ckpt={classifier}")  # fmt: skip
+    with pytest.raises(UserError, match=f"metrics.fid.weights={missing} could not be loaded"):
+        run(cfg, tmp_path / "run")
 
 
 TINY = ("model=gan", "model.g_hidden=[16,32]", "model.d_hidden=[16]", "model.latent_dim=8")
-
 
 
 def test_compile_wraps_both_gan_networks_and_changes_no_loss(

@@ -7,21 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 
 from dlrun import checkpoint, introspect
 from dlrun import metrics as metrics_lib
+from dlrun.classifiers import load_classifier
 from dlrun.errors import UserError
 from dlrun.gan_losses import GANObjective, gradient_penalty
-from dlrun.models import model_kwargs
 from dlrun.trainers.base import Sums, Trainer
 
 log = logging.getLogger(__name__)
-FEATURES = ("auto", "inception", "ckpt")
+FEATURES = ("auto", "inception", "inception_tv", "ckpt")
+# The tag suffix of each feature network's FID / KID: val/fid (TF Inception, comparable with
+# published figures), val/fid_tv (torchvision's Inception), val/fid_classifier (a dlrun classifier).
+TAGS = {"inception": "", "inception_tv": "_tv", "ckpt": "_classifier"}
 
 
 class GANTrainer(Trainer):
@@ -61,6 +62,7 @@ class GANTrainer(Trainer):
         self.metric_n = int(cfg.get("n", 2000))
         fid = dict(cfg.get("fid") or {})
         self.feature_kind, self.feature_ckpt = fid.get("features", "auto"), fid.get("ckpt")
+        self.feature_weights = fid.get("weights")  # the TF Inception's; None: torch-fidelity's
         if self.feature_kind not in FEATURES:
             raise UserError(
                 f"metrics.fid.features must be one of {', '.join(FEATURES)}, "
@@ -76,13 +78,14 @@ class GANTrainer(Trainer):
         gen = torch.Generator(device=self.device).manual_seed(1234)
         self.fixed_noise = self.gan.sample_latent(64, self.device, gen)  # the same grid all run
         self.extractor: Any = None
+        self.tag = TAGS.get(self.feature_kind, "")  # auto: settled by _ensure_features
         self.classifier: metrics_lib.ClassifierFeatures | None = None
         self.real_features: Tensor | None = None
 
     # ----- what the base loop asks of a task ------------------------------------------------------
     @property
     def default_monitor(self) -> str:  # type: ignore[override]
-        return "val/fid_classifier" if self.feature_kind == "ckpt" else "val/fid"
+        return f"val/fid{TAGS.get(self.feature_kind, '')}"
 
     def roles(self) -> dict[str, nn.Module]:
         return {"generator": self.gan.generator, "discriminator": self.gan.discriminator}
@@ -97,8 +100,7 @@ class GANTrainer(Trainer):
     def logged_metrics(self) -> list[str]:
         tags = ["train/loss_d", "train/loss_g"]
         if self._ensure_features():
-            tag = "_classifier" if self.extractor is self.classifier else ""
-            tags += [f"val/fid{tag}", f"val/kid{tag}"]
+            tags += [f"val/fid{self.tag}", f"val/kid{self.tag}"]
         return tags
 
     def extra_state(self) -> dict[str, Any]:
@@ -158,10 +160,9 @@ class GANTrainer(Trainer):
             return {}
         fake = self.generate(self.metric_n, seed=4321)
         feats = self.extractor(fake)
-        tag = "_classifier" if self.extractor is self.classifier else ""
         out = {
-            f"{prefix}/fid{tag}": metrics_lib.fid_from_features(feats, self.real_features),
-            f"{prefix}/kid{tag}": metrics_lib.kid_from_features(
+            f"{prefix}/fid{self.tag}": metrics_lib.fid_from_features(feats, self.real_features),
+            f"{prefix}/kid{self.tag}": metrics_lib.kid_from_features(
                 feats, self.real_features, generator=torch.Generator().manual_seed(0)
             ),
         }
@@ -212,15 +213,21 @@ class GANTrainer(Trainer):
         if self.feature_kind == "none":  # auto found no feature network: do not retry each epoch
             return False
         if self.feature_ckpt:
-            self.classifier = self._load_classifier(Path(self.feature_ckpt))
+            self.classifier, _ = load_classifier(
+                self.feature_ckpt, self.device, key="metrics.fid.ckpt", data_name=self.data.name
+            )
         if self.feature_kind == "ckpt":
             self.extractor = self.classifier
         elif self.feature_kind == "inception":
+            self.extractor = self._tf_inception()
+        elif self.feature_kind == "inception_tv":
             self.extractor = metrics_lib.InceptionFeatures(self.device)
-        else:  # auto: Inception where its weights can be had, else the classifier, else none
+        else:  # auto: the TF Inception where its weights can be had, else the classifier, else none
             try:
-                self.extractor = metrics_lib.InceptionFeatures(self.device)
+                self.extractor = self._tf_inception()
             except UserError as err:
+                if self.feature_weights:  # weights named but unusable: a mistake, not a fallback
+                    raise
                 self.extractor = self.classifier
                 if self.extractor is None:
                     log.warning("no FID/KID for this run: %s", err)
@@ -228,27 +235,15 @@ class GANTrainer(Trainer):
                     if self.monitor.name in ("val/fid", "val/fid_classifier"):
                         self.monitor.name = None  # nothing to select on: no best.pt, no HParams tag
                     return False
+        self.tag = TAGS["ckpt"] if self.extractor is self.classifier else self.tag
         real = self.data.example_batch(self.metric_n, "val", mean=[0.5], std=[0.5])["image"]
         self.real_features = self.extractor(real)
         if self.extractor is self.classifier and self.monitor.name == "val/fid":
             self.monitor.name = "val/fid_classifier"
         return True
 
-    def _load_classifier(self, path: Path) -> metrics_lib.ClassifierFeatures:
-        state = checkpoint.load(path)
-        cfg = state.get("config", {})
-        if "model" not in cfg or "data" not in cfg:
-            raise UserError(f"metrics.fid.ckpt={path} is not a dlrun classifier checkpoint.")
-        made_for = cfg["data"].get("name")
-        if made_for != self.data.name:
-            raise UserError(
-                f"metrics.fid.ckpt={path} is a classifier of {made_for}, but this GAN trains on "
-                f"{self.data.name}: its features would not describe these images."
-            )
-        net = instantiate(model_kwargs(OmegaConf.create(cfg["model"])))
-        checkpoint.load_model_state(net, state, path)
-        net = net.to(self.device).eval()
-        return metrics_lib.ClassifierFeatures(net, cfg["data"]["mean"], cfg["data"]["std"])
+    def _tf_inception(self) -> metrics_lib.TFInceptionFeatures:
+        return metrics_lib.TFInceptionFeatures(self.device, weights_path=self.feature_weights)
 
     def mode_sample(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
         """mode=sample: sample.n PNG files and grid.png in <run>/sample/."""

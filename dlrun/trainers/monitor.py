@@ -8,18 +8,19 @@ from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
 MODES = ("max", "min")
+LOWER_IS_BETTER = ("loss", "fid", "kid", "error")  # monitor_mode=auto: min for tags naming these
 
 
 class Monitor:
     """trainer.monitor (a logged tag, `auto` for the task's own, or null: no selection),
-    trainer.monitor_mode (max | min) and trainer.early_stopping.patience (evaluations without
+    trainer.monitor_mode (max | min | auto: min for a loss, FID or KID, else max) and trainer.early_stopping.patience (evaluations without
     improvement; null: off)."""
 
     def __init__(
         self, name: str | None, mode: str, early_stopping: Mapping[str, Any] | None
     ) -> None:
-        if mode not in MODES:
-            raise UserError(f"trainer.monitor_mode must be max or min, got '{mode}'.")
+        if mode not in MODES + ("auto",):
+            raise UserError(f"trainer.monitor_mode must be max, min or auto, got '{mode}'.")
         patience = (early_stopping or {}).get("patience")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             raise UserError(
@@ -31,6 +32,7 @@ class Monitor:
                 "(e.g. trainer.monitor=val/loss trainer.monitor_mode=min)."
             )
         self.requested, self.mode, self.patience = name, mode, patience
+        self.requested_mode = mode
         self.name: str | None = None
         self.best: float | None = None  # in the monitor's own sign
         self.improved = False  # since the last checkpoint: best.pt should be written
@@ -40,6 +42,14 @@ class Monitor:
 
     def resolve(self, task_default: str | None) -> None:
         self.name = task_default if self.requested == "auto" else self.requested
+        if self.requested_mode == "auto":
+            self.set_auto_mode()
+
+    def set_auto_mode(self) -> None:
+        """monitor_mode=auto: min for a loss, FID, KID or error tag, else max."""
+        if self.requested_mode == "auto":
+            lower = any(word in (self.name or "") for word in LOWER_IS_BETTER)
+            self.mode = "min" if lower else "max"
 
     def better(self, score: float, than: float | None) -> bool:
         if than is None:
