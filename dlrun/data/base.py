@@ -46,6 +46,8 @@ class ClassificationData:
     (one randperm per epoch), random-crops with `crop_padding` and flips with `hflip`.
     """
 
+    kind = "classification"  # what trainers check their batches against (Trainer.data_kinds)
+
     def __init__(
         self,
         *,

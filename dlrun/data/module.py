@@ -22,6 +22,7 @@ from dlrun.data.tensor_loader import TensorLoader
 
 class DataModule(Protocol):
     name: str
+    kind: str  # "classification" (image, label), "unpaired" (image_a, image_b): Trainer.data_kinds
     batch_size: int  # the global batch: with several ranks each trains on its share
     eval_batch_size: int
 

@@ -59,15 +59,19 @@ def download(root: Path, name: str, url: str | None = None) -> Path:
     return root / name
 
 
-def find(root: Path, name: str, download_ok: bool) -> Path:
-    """`<root>/<name>` (or root itself) holding the four folders; downloaded if allowed."""
+def find(root: Path, name: str, download_ok: bool, title: str | None = None) -> Path:
+    """`<root>/<name>` (or root itself) holding the four folders; downloaded if allowed.
+
+    `title`: the data set's name in the message when they are missing (default: `name`, which
+    is "" for a root that holds the folders itself).
+    """
     for base in (root / name, root):
         if all((base / f).is_dir() for f in FOLDERS):
             return base
     if download_ok:
         return download(root, name)
     raise missing_data(
-        name,
+        title or name or str(root),
         [root / name / f for f in FOLDERS],
         f"put the images in {root / name}/{{{', '.join(FOLDERS)}}}/ (trainA/testA: domain A, "
         "trainB/testB: domain B), or set data.download=true on a machine with a network",
@@ -76,6 +80,8 @@ def find(root: Path, name: str, download_ok: bool) -> Path:
 
 class UnpairedData:
     """A `DataModule` of two unaligned domains. Batches: {"image_a", "image_b"} in [-1, 1]."""
+
+    kind = "unpaired"
 
     def __init__(
         self,
@@ -102,13 +108,14 @@ class UnpairedData:
                 "random crop is cut from the loaded image, so load_size must be >= image_size "
                 "(286 for 256, 143 for 128, 72 for 64)."
             )
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UserError(f"data.batch_size must be a positive integer, got {batch_size}.")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise UserError(f"data.{key} must be a positive integer, got {value}.")
         self.name, self.channels = name, channels
         self.image_size, self.load_size, self.hflip = image_size, load_size, hflip
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.domains = list(domains)
-        base = find(Path(root).expanduser(), name if folder is None else folder, download)
+        base = find(Path(root).expanduser(), name if folder is None else folder, download, name)
         cache = Path(cache_dir).expanduser() / "folders" if cache_dir else None
 
         def read(sub: str, size: int) -> Tensor:
@@ -211,7 +218,9 @@ class UnpairedData:
         split = "train" if split == "train" else "test"
         norm = self._normalize(mean, std, tuple(KEYS.values()))
         s, o = self.image_size, (self.load_size - self.image_size) // 2 if split == "train" else 0
-        batch = {key: self.x[f"{split}_{d}"][:n, :, o : o + s, o : o + s] for d, key in KEYS.items()}
+        batch = {
+            key: self.x[f"{split}_{d}"][:n, :, o : o + s, o : o + s] for d, key in KEYS.items()
+        }
         return norm(batch)
 
     def images(self, split: str, domain: str) -> Tensor:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from dlrun.errors import UserError
+
 
 def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
@@ -41,7 +43,9 @@ class ResnetBlock(nn.Module):
 class ResnetGenerator(nn.Module):
     """c7s1-ngf, d(2 ngf), d(4 ngf), n_blocks x R(4 ngf), u(2 ngf), u(ngf), c7s1-out, tanh."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9) -> None:
+    def __init__(
+        self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
@@ -131,6 +135,18 @@ class Discriminators(nn.Module):
         return self.d_a(images_b), self.d_b(images_a)
 
 
+def check_patch_size(image_size: int, n_layers: int) -> None:
+    """Instance norm needs more than one value per channel: each normed PatchGAN map >= 2x2."""
+    size = image_size // 2
+    for _ in range(n_layers - 1):
+        size //= 2
+    if size - 1 < 2:
+        raise UserError(
+            f"data.image_size={image_size} is too small for a PatchGAN of model.n_layers="
+            f"{n_layers}: use images of at least {2**n_layers * 3} px or fewer layers."
+        )
+
+
 def init_weights(module: nn.Module, gain: float = 0.02) -> None:
     """The authors' 'normal' init: convolution weights N(0, gain), biases 0."""
     for m in module.modules():
@@ -154,6 +170,7 @@ class CycleGAN(nn.Module):
         init_gain: float = 0.02,
     ) -> None:
         super().__init__()
+        check_patch_size(image_size, n_layers)
         if n_blocks == "auto":  # the authors' choice: 9 blocks at 256 px, 6 at 128 px and below
             n_blocks = 9 if image_size >= 256 else 6
         self.n_blocks, self.image_size, self.channels = int(n_blocks), image_size, in_channels

@@ -54,6 +54,9 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
     """
 
     default_monitor: str | None = "val/acc"
+    # What its batches must hold: a data module's `kind` ("classification": image + label;
+    # "unpaired": image_a + image_b). A module without one is taken as classification.
+    data_kinds: tuple[str, ...] = ("classification",)
 
     def __init__(
         self,
@@ -90,6 +93,17 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             raise UserError(
                 "trainer.val_every_n_epochs and trainer.val_every_n_steps must be positive "
                 "integers (val_every_n_steps may be null)."
+            )
+        kind = getattr(data, "kind", "classification")
+        if kind not in self.data_kinds:
+            raise UserError(
+                f"{type(self).__name__} trains on {' or '.join(self.data_kinds)} data, but "
+                f"data={getattr(data, 'name', '?')} is {kind} data"
+                + (
+                    " (two image domains: train it with model=cyclegan)."
+                    if kind == "unpaired"
+                    else "."
+                )
             )
         self.device, self.data, self.model = device, data, model
         self.config, self.hparams = dict(run_config), dict(hparams)

@@ -50,6 +50,7 @@ class CycleGANTrainer(Trainer):
     """Roles "generators" (G_A: A -> B, G_B: B -> A) and "discriminators" (D_A, D_B)."""
 
     modes = ("train", "eval", "translate")
+    data_kinds = ("unpaired",)
 
     def __init__(
         self,
@@ -72,7 +73,7 @@ class CycleGANTrainer(Trainer):
             raise UserError(
                 f"The CycleGAN trainer needs model=cyclegan, not {type(model).__name__}."
             )
-        if not hasattr(data, "images"):
+        if getattr(data, "kind", "classification") != "unpaired":
             raise UserError(
                 f"CycleGAN trains on two unpaired image domains: data=horse2zebra, or "
                 f"data=unpaired_folder data.root=DIR (trainA, trainB, testA, testB), not "
@@ -211,8 +212,9 @@ class CycleGANTrainer(Trainer):
         """Rows of: real A, fake B, reconstructed A, real B, fake A, reconstructed B."""
         if self.writer is None:
             return
-        real_a = self._test_images("a")[:GRID_IMAGES]
-        real_b = self._test_images("b")[:GRID_IMAGES]
+        real_a, real_b = self._test_images("a"), self._test_images("b")
+        n = min(GRID_IMAGES, len(real_a), len(real_b))
+        real_a, real_b = real_a[:n], real_b[:n]
         fake_b, fake_a = self.translate(real_a, "AtoB"), self.translate(real_b, "BtoA")
         rec_a, rec_b = self.translate(fake_b, "BtoA"), self.translate(fake_a, "AtoB")
         columns = torch.stack([real_a, fake_b, rec_a, real_b, fake_a, rec_b], 1)  # (n, 6, C, H, W)

@@ -67,7 +67,9 @@ class Monitor:
                 "test set, which makes its score optimistic. Set data.val_split=0.1 (or a count) "
                 "to select on images held out of training.",
                 self.name,
-                ", early stopping and a sweep's objective" if self.patience else " and a sweep's objective",
+                ", early stopping and a sweep's objective"
+                if self.patience
+                else " and a sweep's objective",
             )
         score = metrics[self.name]
         if self.better(score, self.best):
