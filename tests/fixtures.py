@@ -74,3 +74,38 @@ def write_png_folder(
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{i:04d}.png")
     return base
+
+
+def write_unpaired(
+    root: Path,
+    name: str = "horse2zebra",
+    n_a: int = 5,
+    n_b: int = 7,
+    n_test_a: int = 3,
+    n_test_b: int = 4,
+    size: int = 40,
+) -> Path:
+    """Two unpaired domains as the CycleGAN release lays them out: `<root>/<name>/{trainA, trainB,
+    testA, testB}/NNN.jpg` (real JPEGs); returns `<root>/<name>`.
+
+    Domain A is reddish, B bluish; every image is its own noise over a diagonal gradient, so any
+    window of it is found in that image at one offset only. trainA/001.jpg and testB/000.jpg are
+    greyscale files (mode L), as a few of the real horse2zebra images are.
+    """
+    base = root / name
+    ramp = np.add.outer(np.arange(size), np.arange(size)) * (60 / (2 * size))  # 0..60
+    counts = {"trainA": n_a, "trainB": n_b, "testA": n_test_a, "testB": n_test_b}
+    grey = {("trainA", 1), ("testB", 0)}
+    for seed, (sub, n) in enumerate(counts.items()):
+        folder = base / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(100 + seed)
+        tint = (170, 50, 30) if sub.endswith("A") else (30, 60, 170)
+        for i in range(n):
+            noise = rng.integers(0, 70, size=(size, size, 3))
+            img = np.stack([np.full((size, size), t) for t in tint], axis=-1) + ramp[..., None]
+            img = Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
+            if (sub, i) in grey:
+                img = img.convert("L")
+            img.save(folder / f"{i:03d}.jpg", quality=95)
+    return base
