@@ -51,8 +51,10 @@ def h2z_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def offline(no_fid: None) -> None:
-    """No FID network here (CI is offline): the domain classifier is the only score."""
+def offline(request: pytest.FixtureRequest) -> None:
+    """No FID network (CI is offline), except where a test brings random TF-Inception weights."""
+    if "tf_inception_weights" not in request.fixturenames:
+        request.getfixturevalue("no_fid")
 
 
 @pytest.fixture
@@ -235,6 +237,22 @@ def test_domain_classifier_scores_translations_and_is_the_offline_monitor(
     assert (tmp_path / "checkpoints" / "best.pt").is_file()  # the monitor: domain_transfer, max
     hparams = json.loads((tmp_path / "metrics.json").read_text())
     assert "val/domain_acc_grey" in hparams
+
+
+def test_fid_and_kid_of_both_directions_on_a_tf_inception_weights_file(
+    h2z_cfg, tf_inception_weights: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """metrics.fid.weights=PATH (random weights here, loaded as the real ones are)."""
+    cfg = h2z_cfg(*TINY, "trainer.max_steps=2", f"metrics.fid.weights={tf_inception_weights}")
+    metrics = run(cfg, tmp_path)
+    for m in ("fid", "kid"):
+        parts = metrics[f"val/{m}_AtoB"], metrics[f"val/{m}_BtoA"]
+        assert all(v == v for v in parts)  # not NaN
+        assert metrics[f"val/{m}"] == pytest.approx(sum(parts) / 2)
+    assert metrics["val/fid_AtoB"] >= 0
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()  # the monitor: val/fid, min
+    with pytest.raises(UserError, match="metrics.fid.weights"):  # named, so not optional
+        run(h2z_cfg(*TINY, f"metrics.fid.weights={tmp_path / 'missing.pth'}"), tmp_path / "b")
 
 
 def test_domain_classifier_of_another_size_is_a_user_error(

@@ -96,8 +96,12 @@ class CycleGANTrainer(Trainer):
         self.gan = checkpoint.unwrap(self.model)
         cfg = dict(metrics or {})
         fid, domain = dict(cfg.get("fid") or {}), dict(cfg.get("domain") or {})
-        self.fid_wanted = fid.get("features", "auto") in ("auto", "inception")
-        self.fid_weights = fid.get("weights")
+        self.fid_features, self.fid_weights = fid.get("features", "auto"), fid.get("weights")
+        if self.fid_features not in ("auto", "inception", "inception_tv", "none"):
+            raise UserError(
+                "metrics.fid.features for CycleGAN is auto, inception (TF Inception: val/fid), "
+                f"inception_tv (torchvision's: val/fid_tv) or none, not {self.fid_features}."
+            )
         self.domain_ckpt = domain.get("ckpt")
         self.inception: Any = None  # built on first use; False: unavailable (said once)
         self.real_features: dict[str, Tensor] = {}
@@ -114,7 +118,7 @@ class CycleGANTrainer(Trainer):
     @property
     def default_monitor(self) -> str | None:  # type: ignore[override]
         if self._inception() is not None:
-            return "val/fid"
+            return f"val/{self.fid_tag}"
         return "val/domain_transfer" if self.domain is not None else None
 
     def roles(self) -> dict[str, nn.Module]:
@@ -127,7 +131,8 @@ class CycleGANTrainer(Trainer):
     def logged_metrics(self) -> list[str]:
         tags = [f"train/{k}_{d}" for d in "AB" for k in ("D", "G", "cycle", "idt")]
         if self._inception() is not None:
-            tags += [f"val/{m}{s}" for m in ("fid", "kid") for s in ("", "_AtoB", "_BtoA")]
+            names = (self.fid_tag, self.fid_tag.replace("fid", "kid"))
+            tags += [f"val/{m}{s}" for m in names for s in ("", "_AtoB", "_BtoA")]
         if self.domain is not None:
             tags += [f"val/domain_transfer{s}" for s in ("", "_AtoB", "_BtoA")]
             tags += ["val/domain_acc", "val/domain_acc_grey"]
@@ -229,20 +234,30 @@ class CycleGANTrainer(Trainer):
 
     # ----- evaluation -----------------------------------------------------------------------------
     def _inception(self) -> Any:
-        """The TF-Inception feature network, or None offline without its weights (said once)."""
+        """The FID feature network (TF Inception: val/fid; torchvision's: val/fid_tv), or None.
+
+        features=auto without metrics.fid.weights: offline without the weights, one warning and
+        no FID. Asked for explicitly (features=inception, or a weights file): an error instead.
+        """
         if self.inception is None:
-            if not self.fid_wanted:
-                self.inception = False
-            else:
-                tf_features = getattr(metrics_lib, "TFInceptionFeatures", None)
-                try:
-                    if tf_features is None:
-                        raise UserError("this dlrun has no TF-Inception features")
-                    self.inception = tf_features(self.device, weights_path=self.fid_weights)
-                except UserError as err:
-                    log.warning("no FID/KID for this run: %s", err)
-                    self.inception = False
+            self.inception = False
+            explicit = self.fid_features != "auto" or self.fid_weights
+            try:
+                if self.fid_features == "inception_tv":
+                    self.inception = metrics_lib.InceptionFeatures(self.device)
+                elif self.fid_features in ("auto", "inception"):
+                    self.inception = metrics_lib.TFInceptionFeatures(
+                        self.device, weights_path=self.fid_weights
+                    )
+            except UserError as err:
+                if explicit:
+                    raise
+                log.warning("no FID/KID for this run: %s", err)
         return self.inception or None
+
+    @property
+    def fid_tag(self) -> str:
+        return "fid_tv" if self.fid_features == "inception_tv" else "fid"
 
     @torch.no_grad()
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
@@ -257,11 +272,12 @@ class CycleGANTrainer(Trainer):
                 if target not in self.real_features:
                     self.real_features[target] = inception(real[target])
                 feats, ref = inception(fake[target]), self.real_features[target]
-                out[f"{prefix}/fid_{direction}"] = metrics_lib.fid_from_features(feats, ref)
-                out[f"{prefix}/kid_{direction}"] = metrics_lib.kid_from_features(
+                fid, kid = self.fid_tag, self.fid_tag.replace("fid", "kid")
+                out[f"{prefix}/{fid}_{direction}"] = metrics_lib.fid_from_features(feats, ref)
+                out[f"{prefix}/{kid}_{direction}"] = metrics_lib.kid_from_features(
                     feats, ref, generator=torch.Generator().manual_seed(0)
                 )
-            for m in ("fid", "kid"):
+            for m in (self.fid_tag, self.fid_tag.replace("fid", "kid")):
                 out[f"{prefix}/{m}"] = (out[f"{prefix}/{m}_AtoB"] + out[f"{prefix}/{m}_BtoA"]) / 2
         if self.domain is not None:
             # Label 0 is domain A (trainA: horses), 1 domain B (zebras).
