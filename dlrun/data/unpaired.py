@@ -68,8 +68,8 @@ def find(root: Path, name: str, download_ok: bool, title: str | None = None) -> 
     for base in (root / name, root):
         if all((base / f).is_dir() for f in FOLDERS):
             return base
-    if download_ok:
-        return download(root, name)
+    if download_ok:  # the authors' archive of that name (data.folder only moves where it is read)
+        return download(root, title or name)
     raise missing_data(
         title or name or str(root),
         [root / name / f for f in FOLDERS],
