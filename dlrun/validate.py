@@ -116,8 +116,12 @@ RULES: tuple[Rule, ...] = (
     _int("trainer.val_every_n_steps", 1, "trainer.val_every_n_steps=500", nullable=True),
     _int("trainer.accumulate_grad_batches", 1, "trainer.accumulate_grad_batches=4"),
     _int("trainer.early_stopping.patience", 1, "trainer.early_stopping.patience=5", nullable=True),
-    Rule("trainer.grad_clip", "number", "trainer.grad_clip=1.0", low=0, low_open=True, nullable=True),
-    Rule("trainer.monitor_mode", "choice", "trainer.monitor_mode=max", choices=("max", "min", "auto")),
+    Rule(
+        "trainer.grad_clip", "number", "trainer.grad_clip=1.0", low=0, low_open=True, nullable=True
+    ),
+    Rule(
+        "trainer.monitor_mode", "choice", "trainer.monitor_mode=max", choices=("max", "min", "auto")
+    ),
 )
 
 

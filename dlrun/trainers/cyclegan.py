@@ -298,7 +298,7 @@ class CycleGANTrainer(Trainer):
         self, state: Mapping[str, Any], options: Mapping[str, Any]
     ) -> dict[str, float]:
         """translate.input (a folder, or a split: test | train) through G_A (AtoB) or G_B (BtoA):
-        one PNG per image and grid.png (input beside output) in <run>/translate/."""
+        one PNG per image and grid.png (input beside output, the first 32 pairs) in <run>/translate/."""
         direction = str(options.get("direction") or "AtoB")
         if direction not in DIRECTIONS:
             raise UserError(f"translate.direction must be AtoB or BtoA, got '{direction}'.")
@@ -308,7 +308,7 @@ class CycleGANTrainer(Trainer):
         fake = (self.translate(images, direction) + 1) / 2
         for name, image in zip(names, fake, strict=True):
             save_image(image, out_dir / f"{name}.png")
-        pairs = torch.stack([(images.cpu() + 1) / 2, fake.cpu()], 1).flatten(0, 1)[:128]
+        pairs = torch.stack([(images.cpu() + 1) / 2, fake.cpu()], 1).flatten(0, 1)[:64]
         save_image(pairs.clamp(0, 1), out_dir / "grid.png", nrow=8, padding=2)
         log.info("translated %d images (%s) into %s", len(names), direction, out_dir)
         return {"translated": float(len(names))}

@@ -84,7 +84,9 @@ class NonFiniteGuard:
         slot = self.slots[step % self.window][role]
         slot.add_(loss.detach()) if add else slot.copy_(loss.detach())
 
-    def masked(self, out: dict[str, tuple[Tensor, Any]], step: int) -> dict[str, tuple[Tensor, Any]]:
+    def masked(
+        self, out: dict[str, tuple[Tensor, Any]], step: int
+    ) -> dict[str, tuple[Tensor, Any]]:
         """skip: step `step`'s sums as zeros (counts kept) where its loss was bad: means stay finite."""
         ok = torch.isfinite(self.losses[step % self.window]).all()
         return {k: (torch.where(ok, v, torch.zeros_like(v)), n) for k, (v, n) in out.items()}

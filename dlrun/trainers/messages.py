@@ -98,4 +98,3 @@ class Stops:
             str(self.device), self.step_count, self.phase, key, size, self.last_path,
             saved_step(self.last_path),
         )  # fmt: skip
-

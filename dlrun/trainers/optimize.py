@@ -49,7 +49,9 @@ class Optimization:
         accumulate: int,
     ) -> None:
         if grad_clip is not None and grad_clip <= 0:
-            raise UserError(f"trainer.grad_clip must be a positive number or null, got {grad_clip}.")
+            raise UserError(
+                f"trainer.grad_clip must be a positive number or null, got {grad_clip}."
+            )
         if accumulate < 1:
             raise UserError(
                 f"trainer.accumulate_grad_batches must be a positive integer, got {accumulate}."

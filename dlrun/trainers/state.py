@@ -74,11 +74,17 @@ class EpochProgress:
     @staticmethod
     def means(sums: Mapping[str, Tensor], counts: Mapping[str, Any]) -> dict[str, float]:
         """Each metric's mean over the items it counted (the host sync); none for a zero count."""
-        totals = {k: dist.all_reduce_sum(v.clone()) if dist.initialized() else v for k, v in sums.items()}
+        totals = {
+            k: dist.all_reduce_sum(v.clone()) if dist.initialized() else v for k, v in sums.items()
+        }
         out = {}
         for k, v in totals.items():
             n = counts[k]
-            n = float(dist.all_reduce_sum(torch.as_tensor(n, device=v.device).clone())) if dist.initialized() else n
+            n = (
+                float(dist.all_reduce_sum(torch.as_tensor(n, device=v.device).clone()))
+                if dist.initialized()
+                else n
+            )
             n = n.item() if isinstance(n, Tensor) else n
             if n:
                 out[k] = v.item() / n
@@ -198,7 +204,9 @@ class ResumableRun:
         self.opt.load_state_dict(state, state["step"])
         ranks = state.get("rng_ranks") or [state["rng"]]
         same_world = len(ranks) == dist.world_size()
-        checkpoint.set_rng_state(ranks[dist.rank()] if same_world else ranks[0], self.data.generators())
+        checkpoint.set_rng_state(
+            ranks[dist.rank()] if same_world else ranks[0], self.data.generators()
+        )
         if not same_world:
             log.warning(
                 "resumed with %d processes from a run of %d: training continues from the same "
