@@ -223,7 +223,7 @@ def domain_ckpt(h2z_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_domain_classifier_scores_translations_and_is_the_offline_monitor(
-    h2z_cfg, domain_ckpt: Path, tmp_path: Path
+    h2z_cfg, domain_ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = run(
         h2z_cfg(*TINY, "trainer.max_steps=3", f"metrics.domain.ckpt={domain_ckpt}"), tmp_path
@@ -235,6 +235,7 @@ def test_domain_classifier_scores_translations_and_is_the_offline_monitor(
         (metrics["val/domain_transfer_AtoB"] + metrics["val/domain_transfer_BtoA"]) / 2
     )
     assert (tmp_path / "checkpoints" / "best.pt").is_file()  # the monitor: domain_transfer, max
+    assert "val_split" not in caplog.text  # no advice to hold out what an unpaired set cannot
     hparams = json.loads((tmp_path / "metrics.json").read_text())
     assert "val/domain_acc_grey" in hparams
 

@@ -76,5 +76,6 @@ class DataModule(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """{"name", "input_shape": (C, H, W), "num_classes", "classes",
-        "sizes": {"train": n, "val": n, "test": n}, "val_is_test": bool}."""
+        "sizes": {"train": n, "val": n, "test": n}, "val_is_test": bool}, and optionally
+        "holdout": False for a set that cannot hold validation images out of training."""
         ...

@@ -241,6 +241,7 @@ class UnpairedData:
                 **{k: len(v) for k, v in self.x.items()},
             },
             "val_is_test": True,
+            "holdout": False,  # no data.val_split: the test sets are where CycleGAN is scored
         }
 
     def _normalize(

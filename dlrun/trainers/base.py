@@ -366,7 +366,12 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         self.phase = "train"
         self._log(metrics)
         self.last_eval_step = self.step_count
-        self.monitor.update(metrics, self.step_count, self.data.describe().get("val_is_test"))
+        about = self.data.describe()
+        # A data set without a held-out alternative (CycleGAN's test sets are its benchmark)
+        # gets no advice to hold images out.
+        self.monitor.update(
+            metrics, self.step_count, about.get("val_is_test") and about.get("holdout", True)
+        )
         return time.perf_counter() - began
 
     def _sync(self) -> None:
