@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dlrun import dist
+from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
@@ -39,7 +40,7 @@ def missing_data(name: str, looked: Sequence[Path], fix: str, reason: str = "") 
     )
 
 
-class ClassificationData:
+class ClassificationData(DeviceGenerators):
     """A classification data set held in tensors (a `DataModule`): `setup` moves it to the device.
 
     Batches are {"image": normalised float (B, C, H, W), "label": int64 (B,)}; training shuffles
@@ -151,19 +152,7 @@ class ClassificationData:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the pinned buffers must outlive their copies
         self.rank, self.world_size = rank, world_size
-        order = torch.Generator(device=device).manual_seed(seed)
-        # One process keeps one stream for shuffling and augmentation, the one runs always drew
-        # from, so they reproduce. Ranks must share the order yet augment differently, and an
-        # aug draw on a shared generator would shift that rank's next order: two generators.
-        aug = order
-        if world_size > 1:
-            aug = torch.Generator(device=device).manual_seed(seed + 7919 * (rank + 1))
-        self._generators = {"order": order, "aug": aug}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        if not self._generators:
-            raise RuntimeError("call setup() before generators(): they are made on the device")
-        return dict(self._generators)
+        self.seed_generators(device, seed, rank, world_size)
 
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
         if split not in ("train", "val", "test"):

@@ -79,3 +79,26 @@ class DataModule(Protocol):
         "sizes": {"train": n, "val": n, "test": n}, "val_is_test": bool}, and optionally
         "holdout": False for a set that cannot hold validation images out of training."""
         ...
+
+
+class DeviceGenerators:
+    """The "order" / "aug" generator pair of a tensor data module, as `DataModule.setup` seeds it.
+
+    One process keeps one stream for shuffling and augmentation, the one runs always drew from,
+    so they reproduce. Ranks must share the order yet augment differently, and an aug draw on a
+    shared generator would shift that rank's next order: with world_size > 1, two generators.
+    """
+
+    _generators: dict[str, torch.Generator]
+
+    def seed_generators(self, device: torch.device, seed: int, rank: int, world_size: int) -> None:
+        order = torch.Generator(device=device).manual_seed(seed)
+        aug = order
+        if world_size > 1:
+            aug = torch.Generator(device=device).manual_seed(seed + 7919 * (rank + 1))
+        self._generators = {"order": order, "aug": aug}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        if not getattr(self, "_generators", None):
+            raise RuntimeError("call setup() before generators(): they are made on the device")
+        return dict(self._generators)

@@ -21,6 +21,7 @@ from dlrun import dist
 from dlrun.data.archive import safe_extract
 from dlrun.data.base import Splits, missing_data
 from dlrun.data.folder import read_flat
+from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import SequentialSampler, ShardedSampler, UnpairedSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip
@@ -78,7 +79,7 @@ def find(root: Path, name: str, download_ok: bool, title: str | None = None) -> 
     )
 
 
-class UnpairedData:
+class UnpairedData(DeviceGenerators):
     """A `DataModule` of two unaligned domains. Batches: {"image_a", "image_b"} in [-1, 1]."""
 
     kind = "unpaired"
@@ -150,16 +151,7 @@ class UnpairedData:
         world_size = dist.world_size() if world_size is None else world_size
         self.x = {k: v.to(device) for k, v in self.x.items()}
         self.rank, self.world_size = rank, world_size
-        order = torch.Generator(device=device).manual_seed(seed)
-        aug = order  # one stream in one process; per-rank augmentation under DDP (DataModule)
-        if world_size > 1:
-            aug = torch.Generator(device=device).manual_seed(seed + 7919 * (rank + 1))
-        self._generators = {"order": order, "aug": aug}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        if not self._generators:
-            raise RuntimeError("call setup() before generators(): they are made on the device")
-        return dict(self._generators)
+        self.seed_generators(device, seed, rank, world_size)
 
     def train_loader(
         self,
