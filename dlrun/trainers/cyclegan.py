@@ -230,7 +230,8 @@ class CycleGANTrainer(Trainer):
         self._log_samples(0)
 
     def log_end(self, writer: SummaryWriter) -> None:
-        self._log_samples(self.step_count)
+        if self.step_count % self.sample_every:  # else the last step logged it already
+            self._log_samples(self.step_count)
 
     # ----- evaluation -----------------------------------------------------------------------------
     def _inception(self) -> Any:
