@@ -70,7 +70,13 @@ class ClassificationData(DeviceGenerators):
         hflip: bool = False,
         num_workers: int = 0,
         bad_images: str = "error",
+        seq_mode: str | None = None,
     ) -> None:
+        # seq_mode (row | pixel): how sequence models (model=rnn/lstm/gru) read each image; the
+        # model config takes it from here (${data.seq_mode}), the data itself is unchanged.
+        if seq_mode not in (None, "row", "pixel"):
+            raise UserError(f"data.seq_mode must be row or pixel, got '{seq_mode}'.")
+        self.seq_mode = seq_mode
         # num_workers and bad_images are read by the image-folder sources (through data.source);
         # bad_images is checked here too, so a typo fails even where no image folder is read.
         if bad_images not in ("error", "skip"):

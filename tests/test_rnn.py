@@ -1,0 +1,49 @@
+"""Sequence models (rnn, lstm, gru) on images read row by row or pixel by pixel."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlrun.cli import run
+from dlrun.errors import UserError
+from dlrun.models.rnn import SequenceClassifier, lstm
+
+
+def test_rows_and_pixels_become_the_steps_in_reading_order() -> None:
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)  # B, C, H, W
+    rows = SequenceClassifier(in_channels=3, image_size=5, seq_mode="row").sequence(x)
+    assert rows.shape == (2, 4, 15)  # 4 rows, each C x W
+    assert torch.equal(rows[1, 2], x[1, :, 2, :].flatten())
+    pixels = SequenceClassifier(in_channels=3, seq_mode="pixel").sequence(x)
+    assert pixels.shape == (2, 20, 3)  # H x W steps of C
+    assert torch.equal(pixels[0, 7], x[0, :, 1, 2])  # step 7 = row 1, column 2
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_head_reads_the_last_layers_final_state(bidirectional: bool) -> None:
+    torch.manual_seed(0)
+    net = lstm(hidden_size=8, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(3, 1, 28, 28)
+    out, _ = net.rnn(net.sequence(x))
+    # forward direction: the output at the last step; backward: the output at the first step
+    last = out[:, -1, :8] if not bidirectional else torch.cat([out[:, -1, :8], out[:, 0, 8:]], 1)
+    assert torch.allclose(net(x), net.head(last), atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("model", ["rnn", "lstm", "gru"])
+def test_each_trains_on_seq_mnist_rows_and_pixels(make_cfg, tmp_path: Path, model: str) -> None:
+    metrics = run(make_cfg(f"model={model}", "data=seq_mnist", "model.hidden_size=16",
+                           "trainer.max_steps=3", "trainer.grad_clip=1.0"), tmp_path / "row")  # fmt: skip
+    assert metrics["step"] == 3 and metrics["val/acc"] == metrics["val/acc"]
+    assert metrics["train/grad_norm"] > 0  # the clipped gradient's norm, for the RNN story
+    pixel = run(make_cfg(f"model={model}", "data=seq_mnist", "data.seq_mode=pixel",
+                         "model.hidden_size=8", "trainer.max_steps=1",
+                         "data.eval_subset=50"), tmp_path / "pixel")  # fmt: skip
+    assert pixel["step"] == 1
+
+
+def test_a_wrong_seq_mode_is_a_user_error(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="data.seq_mode must be row or pixel"):
+        run(make_cfg("model=lstm", "data=seq_mnist", "data.seq_mode=column"), tmp_path)
