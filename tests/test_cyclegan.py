@@ -137,7 +137,7 @@ def test_adversarial_losses_and_grey() -> None:
     bce = torch.nn.functional.binary_cross_entropy_with_logits(pred, torch.ones(2))
     assert adversarial("nonsaturating", pred, True).item() == pytest.approx(bce.item())
     rgb = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)
-    assert to_grey(rgb).flatten().tolist() == pytest.approx([0.299 - 0.114] * 3)
+    assert to_grey(rgb).flatten().tolist() == pytest.approx([0.2989 - 0.114] * 3)
 
 
 # ----- training --------------------------------------------------------------------------------
@@ -279,6 +279,11 @@ def test_translate_mode_writes_one_file_per_image_and_a_grid(
     out = tmp_path / "t2" / "translate"
     assert sorted(p.stem for p in out.glob("n*.png")) == sorted(p.stem for p in folder.glob("*"))
     assert Image.open(out / "n0000.png").size == (16, 16)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"neither a split \(test, train\) nor a folder"):
+        run(h2z_cfg(*TINY, "mode=translate", f"ckpt={ckpt}", f"translate.input={empty}"),
+            tmp_path / "t4")  # fmt: skip
     with pytest.raises(UserError, match="AtoB or BtoA"):
         run(h2z_cfg(*TINY, "mode=translate", f"ckpt={ckpt}", "translate.direction=up"),
             tmp_path / "t3")  # fmt: skip
@@ -291,6 +296,7 @@ def test_translate_mode_writes_one_file_per_image_and_a_grid(
         (("trainer.accumulate_grad_batches=2",), "accumulate_grad_batches must be 1"),
         (("data.load_size=8",), "data.load_size=8"),
         (("model.n_layers=3",), "too small for a PatchGAN"),
+        (("metrics.fid.features=ckpt",), "metrics.fid.features for CycleGAN"),
     ],
 )
 def test_mistakes_are_user_errors(h2z_cfg, tmp_path: Path, overrides, message: str) -> None:

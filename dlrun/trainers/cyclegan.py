@@ -9,22 +9,22 @@ had) and a horse-vs-zebra style domain classifier (`metrics.domain.ckpt`), which
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 from torchvision.utils import make_grid, save_image
 
 from dlrun import checkpoint, introspect
 from dlrun import metrics as metrics_lib
 from dlrun.classifiers import load_classifier
-from dlrun.data.folder import IMAGE_SUFFIXES, decode
 from dlrun.errors import UserError
 from dlrun.trainers.base import Sums, Trainer
 from dlrun.trainers.image_pool import ImagePool
+from dlrun.trainers.modes import folder_inputs
 
 log = logging.getLogger(__name__)
 LOSSES = ("lsgan", "nonsaturating")
@@ -41,9 +41,8 @@ def adversarial(name: str, pred: Tensor, real: bool) -> Tensor:
 
 
 def to_grey(images: Tensor) -> Tensor:
-    """RGB in [-1, 1] -> the same luminance in all three channels (ITU-R 601, as PIL's "L")."""
-    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (images * weights).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+    """RGB -> its luminance in all three channels (torchvision's weights, those of PIL's "L")."""
+    return rgb_to_grayscale(images, num_output_channels=3)
 
 
 class CycleGANTrainer(Trainer):
@@ -327,16 +326,5 @@ class CycleGANTrainer(Trainer):
                 x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
             folder = f"{spec}{domain.upper()}"
             return [f"{folder}_{i:04d}" for i in range(len(x))], x.float() / 127.5 - 1
-        folder_path = Path(spec).expanduser()
-        files = (
-            sorted(p for p in folder_path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if folder_path.is_dir()
-            else []
-        )
-        if not files:
-            raise UserError(
-                f"translate.input={spec} is neither a split (test, train) nor a folder holding "
-                f"images ({', '.join(sorted(IMAGE_SUFFIXES))})."
-            )
-        images = torch.stack([decode(p, channels, size, "bicubic") for p in files])
-        return [p.stem for p in files], images.float() / 127.5 - 1
+        names, images = folder_inputs(spec, channels, size, "bicubic", splits="test, train")
+        return names, images.float() / 127.5 - 1

@@ -25,6 +25,26 @@ from dlrun.tb import log_config, log_hparams
 log = logging.getLogger(__name__)
 
 
+def folder_inputs(
+    spec: str,
+    channels: int,
+    size: int,
+    resample: str = "bilinear",
+    splits: str = "train, val, test",
+) -> tuple[list[str], Tensor]:
+    """The images of a folder (`<mode>.input=DIR`), decoded to `size` and `channels`, in file-name
+    order: their names and uint8 (N, C, S, S). A folder without images is a UserError."""
+    folder = Path(spec).expanduser()
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not folder.is_dir() or not files:
+        raise UserError(
+            f"input={spec} is neither a split ({splits}) nor a folder holding images "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})."
+        )
+    images = torch.stack([decode_image(p, channels, size, resample) for p in files])
+    return [p.stem for p in files], images
+
+
 class RunModes:
     """The mode side of `Trainer`: dispatch, `eval`, the run folder's outputs, TensorBoard header."""
 
@@ -76,15 +96,7 @@ class RunModes:
             n = self.data.describe()["sizes"][spec]
             images = self.data.example_batch(n, spec, mean=[0.0], std=[1 / 255])["image"]
             return [f"{spec}_{i:06d}" for i in range(n)], images.round().to(torch.uint8)
-        folder = Path(spec).expanduser()
-        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not folder.is_dir() or not files:
-            raise UserError(
-                f"input={spec} is neither a split (train, val, test) nor a folder holding images "
-                f"({', '.join(sorted(IMAGE_SUFFIXES))})."
-            )
-        images = torch.stack([decode_image(p, c, max(h, w)) for p in files])
-        return [p.stem for p in files], images
+        return folder_inputs(spec, c, max(h, w))
 
     def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
         """Score the checkpoint on the test split: test/* in metrics.json and the log."""
