@@ -176,3 +176,20 @@ def test_every_experiment_runs_two_steps(make_cfg, tmp_path: Path, experiment: s
         make_cfg(f"experiment={experiment}", "trainer.max_steps=2", "data.batch_size=32"), tmp_path
     )
     assert metrics["step"] == 2
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_still_refuses_changes(
+    make_cfg, tmp_path: Path
+) -> None:
+    """Killed after .hydra/ was written but before last.pt: Hydra's config.yaml is unresolved
+    (${data.channels}), and must compare equal to the same run's resolved config."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("trainer.max_steps=2")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert "${data.channels}" in (tmp_path / ".hydra" / "config.yaml").read_text()
+    with pytest.raises(UserError, match="optim.lr"):
+        run(make_cfg("trainer.max_steps=2", "resume=true", "optim.lr=0.5"), tmp_path)
+    metrics = run(make_cfg("trainer.max_steps=2", "resume=true"), tmp_path)
+    assert metrics["step"] == 2

@@ -104,7 +104,9 @@ class ResumableRun:
         saved_config = self.run_dir / ".hydra" / "config.yaml"
         if resume and not self.last_path.is_file() and saved_config.is_file():
             # Killed before its first checkpoint: nothing to continue, so start over, same config.
-            saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=False)
+            # Hydra writes config.yaml unresolved (${data.channels}); the run's config is
+            # resolved: compare like with like, or every interpolated key reads as changed.
+            saved = OmegaConf.to_container(OmegaConf.load(saved_config), resolve=True)
             self._refuse_changes(saved, saved_config)
             log.warning(
                 "resume=true: %s has no checkpoint yet; starting it from step 0", self.run_dir
