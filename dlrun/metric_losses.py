@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlrun.errors import UserError
+
 EPS = 1e-12  # inside the square root: the gradient of ||x|| at x = 0 would be NaN
 
 
@@ -95,3 +97,24 @@ def distillation_loss(
     )
     hard = F.cross_entropy(student_logits, labels)
     return alpha * t * t * soft + (1 - alpha) * hard
+
+
+PAIR_LOSSES, TRIPLET_MINING = ("contrastive", "pair_bce"), ("batch_hard", "batch_all")
+
+
+class MetricObjective:
+    """The loss of a Siamese / triplet run (configs/loss/{contrastive,triplet,pair_bce}.yaml).
+
+    `sampling` tells the trainer which batches it needs: "pairs" for the pair losses, "pk"
+    (P classes x K images) for triplet mining inside the batch.
+    """
+
+    def __init__(self, name: str, margin: float = 1.0, mining: str = "batch_hard") -> None:
+        if name not in (*PAIR_LOSSES, "triplet"):
+            raise UserError(f"loss.name must be contrastive, triplet or pair_bce, got '{name}'.")
+        if mining not in TRIPLET_MINING:
+            raise UserError(f"loss.mining must be batch_hard or batch_all, got '{mining}'.")
+        if margin <= 0 and name != "pair_bce":
+            raise UserError(f"loss.margin must be positive, got {margin}.")
+        self.name, self.margin, self.mining = name, float(margin), mining
+        self.sampling = "pairs" if name in PAIR_LOSSES else "pk"

@@ -20,6 +20,7 @@ from dlrun.data import (
     TensorLoader,
     UnpairedSampler,
 )
+from dlrun.data.pairs import PairSampler
 from dlrun.errors import UserError
 
 CPU = torch.device("cpu")
@@ -72,6 +73,12 @@ def _cases() -> dict[str, Callable[[], tuple]]:
             UnpairedSampler(N, 9, 4),
             [],
             {"image": "a", "image_b": "b"},
+        ),
+        "pairs": lambda: (
+            {**image_only, "image_b": d["image"], "label_b": d["label"]},
+            PairSampler(d["label"], 6),
+            [RandomCrop(padding=2), RandomHFlip(keys=["image_b"])],
+            {"image": "a", "label": "a", "image_b": "b", "label_b": "b"},
         ),
         "sharded": lambda: (image_only, ShardedSampler(RandomSampler(N, 7), 1, 3), [], None),
         "crop_padding": lambda: (image_only, RandomSampler(N, 5), [RandomCrop(padding=2)], None),

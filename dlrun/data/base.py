@@ -11,6 +11,7 @@ from torch import Tensor
 
 from dlrun import dist
 from dlrun.data.module import DeviceGenerators
+from dlrun.data.pairs import MetricLoaders
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
@@ -40,7 +41,7 @@ def missing_data(name: str, looked: Sequence[Path], fix: str, reason: str = "") 
     )
 
 
-class ClassificationData(DeviceGenerators):
+class ClassificationData(MetricLoaders, DeviceGenerators):
     """A classification data set held in tensors (a `DataModule`): `setup` moves it to the device.
 
     Batches are {"image": normalised float (B, C, H, W), "label": int64 (B,)}; training shuffles
@@ -71,6 +72,10 @@ class ClassificationData(DeviceGenerators):
         num_workers: int = 0,
         bad_images: str = "error",
         seq_mode: str | None = None,
+        holdout_classes: Sequence[int] | None = None,
+        classes_per_batch: int | None = None,
+        verify_pairs: int = 10000,
+        pair_seed: int = 0,
     ) -> None:
         # seq_mode (row | pixel): how sequence models (model=rnn/lstm/gru) read each image; the
         # model config takes it from here (${data.seq_mode}), the data itself is unchanged.
@@ -101,6 +106,28 @@ class ClassificationData(DeviceGenerators):
                 f"data.channels is {channels} but {name} images have {splits.train_x.shape[1]} channels."
             )
         train_x, train_y = splits.train_x, splits.train_y
+        # Metric learning (Siamese / triplet): classes kept out of training (and of the validation
+        # split, cut from training) to verify one-shot on classes never seen; the test split keeps them.
+        self.holdout_classes = [int(c) for c in holdout_classes or []]
+        if self.holdout_classes:
+            known = set(range(self.num_classes))
+            if (
+                not set(self.holdout_classes) <= known
+                or len(self.holdout_classes) >= self.num_classes
+            ):
+                raise UserError(
+                    f"data.holdout_classes={self.holdout_classes} must name some, not all, of the "
+                    f"class indices 0..{self.num_classes - 1} of {name}."
+                )
+            keep = ~torch.isin(train_y, torch.tensor(self.holdout_classes))
+            train_x, train_y = train_x[keep], train_y[keep]
+        if verify_pairs < 2 or (classes_per_batch is not None and classes_per_batch < 2):
+            raise UserError(
+                "data.verify_pairs and data.classes_per_batch must be at least 2, got "
+                f"{verify_pairs} and {classes_per_batch}."
+            )
+        self.classes_per_batch, self.verify_pairs = classes_per_batch, verify_pairs
+        self.pair_seed = pair_seed
         if train_subset is not None:
             train_x, train_y = train_x[:train_subset], train_y[:train_subset]
         self.val_name = "test"
@@ -237,4 +264,5 @@ class ClassificationData(DeviceGenerators):
             "classes": list(self.classes),
             "sizes": {"train": len(self.train_x), "val": len(self.val_x), "test": len(self.test_x)},
             "val_is_test": self.val_is_test,
+            "holdout_classes": list(self.holdout_classes),
         }

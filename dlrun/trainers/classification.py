@@ -20,6 +20,11 @@ class ClassificationTrainer(Trainer):
     """Trains `model(image) -> logits` against integer labels."""
 
     def __init__(self, *, loss: Objective, tta: str = "none", **kwargs: Any) -> None:
+        if getattr(kwargs.get("model"), "embedding_dim", None) is not None:
+            raise UserError(
+                "model=siamese is an embedding network, not a classifier: it trains with "
+                "trainer=metric (which model=siamese picks; drop trainer=classification)."
+            )
         if not isinstance(loss, Objective):
             raise UserError(
                 f"loss={getattr(loss, 'name', type(loss).__name__)} is not a classification loss; "
