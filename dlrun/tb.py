@@ -43,6 +43,8 @@ def hparams_of(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, 
         "trainer.channels_last": cfg.trainer.get("channels_last", False),
         "eval.tta": cfg.eval.tta,
     }
+    if str(cfg.trainer.get("_target_", "")).endswith(".DistillTrainer"):  # trainer=distill
+        out |= {"distill.temperature": cfg.trainer.temperature, "distill.alpha": cfg.trainer.alpha}
     for key, value in cfg.model.items():
         if isinstance(value, int | float | str | bool) and not str(key).startswith("_"):
             out[f"model.{key}"] = value

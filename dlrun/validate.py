@@ -112,6 +112,8 @@ RULES: tuple[Rule, ...] = (
     Rule("resume", "bool", "resume=true"),
     _int("sample.n", 1, "sample.n=64"),
     _int("metrics.n", 2, "metrics.n=2000"),
+    Rule("distill.temperature", "number", "distill.temperature=4", low=0, low_open=True),
+    Rule("distill.alpha", "number", "distill.alpha=0.9", low=0, high=1),
     _int("trainer.val_every_n_epochs", 1, "trainer.val_every_n_epochs=1"),
     _int("trainer.val_every_n_steps", 1, "trainer.val_every_n_steps=500", nullable=True),
     _int("trainer.accumulate_grad_batches", 1, "trainer.accumulate_grad_batches=4"),
