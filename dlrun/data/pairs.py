@@ -11,7 +11,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dlrun.data.samplers import ClassBalancedSampler, ShardedSampler, _check_batch_size
+from dlrun.data.samplers import (
+    ClassBalancedSampler,
+    Sampler,
+    ShardedSampler,
+    _check_batch_size,
+)
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
 from dlrun.errors import UserError
@@ -58,7 +63,7 @@ class ClassIndex:
         same_item = self.by_class[self.offsets[c] + r]
         # Another class: c + 1 .. c + C - 1 (mod C), then a uniform item of it.
         k = len(self.counts)
-        other = (c + 1 + torch.minimum((u[1] * (k - 1)).long(), torch.tensor(k - 2))) % k
+        other = (c + 1 + (u[1] * (k - 1)).long().clamp_max(k - 2)) % k
         m = self.counts[other]
         diff_item = self.by_class[self.offsets[other] + torch.minimum((u[2] * m).long(), m - 1)]
         return torch.where(same, same_item, diff_item)
@@ -139,9 +144,9 @@ class MetricLoaders:
     def pair_loader(self) -> TensorLoader:
         """Batches {"image", "label", "image_b", "label_b"}: half the pairs of one class. Each
         image of a pair is cropped and flipped on its own draw."""
-        if self.world_size > 1:
-            raise UserError("Pair batches run in one process; drop the multi-process launch.")
-        sampler = PairSampler(self.train_y, self.batch_size)
+        sampler: Sampler = PairSampler(self.train_y, self.batch_size)
+        if self.world_size > 1:  # every rank draws the same pairs and keeps its slice of them
+            sampler = ShardedSampler(sampler, self.rank, self.world_size)
         norm = self._normalize(None, None)
         transforms = self._augment(["image"]) + self._augment(["image_b"])
         transforms.append(Normalize(norm.mean, norm.std, keys=("image", "image_b")))
@@ -167,7 +172,7 @@ class MetricLoaders:
                 f"{self.batch_size} over data.classes_per_batch={p} classes gives K={k}; raise "
                 "data.batch_size or lower data.classes_per_batch."
             )
-        sampler = ClassBalancedSampler(self.train_y, p, k)
+        sampler: Sampler = ClassBalancedSampler(self.train_y, p, k)
         if self.world_size > 1:
             sampler = ShardedSampler(sampler, self.rank, self.world_size)
         transforms = self._augment(["image"]) + [self._normalize(None, None)]
