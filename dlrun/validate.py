@@ -39,6 +39,7 @@ class Rule:
     nullable: bool = False
     choices: tuple[str, ...] = ()
     required: bool = False
+    allow_inf: bool = False  # +inf is a value too (trainer.grad_clip=inf: measure, never clip)
 
     def describe(self) -> str:
         """The requirement as words: 'an integer >= 1 or null'."""
@@ -55,6 +56,7 @@ class Rule:
                 text += f" {'>' if self.low_open else '>='} {_num(self.low)}"
             elif self.high is not None:
                 text += f" {'<' if self.high_open else '<='} {_num(self.high)}"
+        text += " or inf" if self.allow_inf else ""
         return f"{text} or null" if self.nullable else text
 
     def accepts(self, value: Any) -> bool:
@@ -69,7 +71,7 @@ class Rule:
         if self.kind == "int" and not isinstance(value, int):
             return False
         if not math.isfinite(value):
-            return False
+            return self.allow_inf and value == math.inf
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
@@ -119,7 +121,13 @@ RULES: tuple[Rule, ...] = (
     _int("trainer.accumulate_grad_batches", 1, "trainer.accumulate_grad_batches=4"),
     _int("trainer.early_stopping.patience", 1, "trainer.early_stopping.patience=5", nullable=True),
     Rule(
-        "trainer.grad_clip", "number", "trainer.grad_clip=1.0", low=0, low_open=True, nullable=True
+        "trainer.grad_clip",
+        "number",
+        "trainer.grad_clip=1.0",
+        low=0,
+        low_open=True,
+        nullable=True,
+        allow_inf=True,
     ),
     Rule(
         "trainer.monitor_mode", "choice", "trainer.monitor_mode=max", choices=("max", "min", "auto")

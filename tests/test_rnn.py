@@ -47,3 +47,21 @@ def test_each_trains_on_seq_mnist_rows_and_pixels(make_cfg, tmp_path: Path, mode
 def test_a_wrong_seq_mode_is_a_user_error(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="data.seq_mode must be row or pixel"):
         run(make_cfg("model=lstm", "data=seq_mnist", "data.seq_mode=column"), tmp_path)
+
+
+def test_grad_clip_inf_logs_the_norm_per_step_and_trains_as_without_clipping(
+    make_cfg, tmp_path: Path
+) -> None:
+    """The vanishing / exploding story: train/grad_norm_step every step, the updates untouched."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    keys = ("model=rnn", "data=seq_mnist", "model.hidden_size=16", "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1")  # fmt: skip
+    measured = run(make_cfg(*keys, "trainer.grad_clip=inf"), tmp_path / "inf")
+    plain = run(make_cfg(*keys), tmp_path / "plain")
+    assert measured["val/loss"] == plain["val/loss"] and "train/grad_norm" not in plain
+    events = EventAccumulator(str(tmp_path / "inf")).Reload()
+    norms = [e.value for e in events.Scalars("train/grad_norm_step")]
+    assert len(norms) == 4 and all(n > 0 for n in norms)
+    with pytest.raises(UserError, match="trainer.grad_clip must be a number > 0 or inf or null"):
+        run(make_cfg(*keys, "trainer.grad_clip=-inf"), tmp_path / "bad")
