@@ -405,7 +405,7 @@ def test_the_closure_path_refuses_what_it_cannot_do(tmp_path: Path, setting: dic
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.grad_clip=0", "trainer.grad_clip must be a number > 0 or null, got 0"),
+        ("trainer.grad_clip=0", "trainer.grad_clip must be a number > 0 or inf or null, got 0"),
         (
             "trainer.accumulate_grad_batches=0",
             "trainer.accumulate_grad_batches must be an integer >= 1",
