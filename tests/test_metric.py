@@ -292,3 +292,18 @@ def test_user_mistakes_are_one_clear_error(make_cfg, keys: tuple, message: str) 
     with pytest.raises(UserError, match=message):
         trainer = build_trainer(make_cfg(*model, *TINY, *FAST, *keys), "unused")
         next(iter(trainer.train_loader()))
+
+
+@pytest.mark.parametrize("data", ["fashion_mnist", "cifar10", "imagefolder"])
+def test_pairs_and_triplets_come_from_any_labelled_image_set(
+    make_cfg, tmp_path: Path, data_root: Path, data: str
+) -> None:
+    where = (f"data.root={data_root / 'folder'}",) if data == "imagefolder" else ()
+    for loss in ("contrastive", "triplet"):
+        metrics = run(
+            make_cfg("model=siamese", f"data={data}", *where, f"loss={loss}", *TINY,
+                     "data.batch_size=20", "data.verify_pairs=40", "trainer.max_steps=2",
+                     "trainer.projector_n=10"),
+            tmp_path / loss,
+        )  # fmt: skip
+        assert metrics["step"] == 2 and 0 <= metrics["val/verify_acc"] <= 1
