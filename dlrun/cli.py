@@ -124,7 +124,10 @@ def _run_mode(
         commit=(commit or default) if dist.is_main() else (lambda: None),
     )
     shown = [f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))]
-    log.info("done: %s", ", ".join(shown))
+    if shown:  # output modes (sample, translate, embed, verify) have said what they wrote
+        log.info("done: %s", ", ".join(shown))
+    else:
+        log.info("done")
     return metrics
 
 
