@@ -47,6 +47,21 @@ def overlay(images: Tensor, classes: Tensor, k: int) -> Tensor:
     return torch.stack(out)
 
 
+def scores(confusion: Tensor) -> dict[str, float]:
+    """Pixel accuracy, mean IoU of classes 1..K (those present in truth or prediction) and the
+    background's IoU, from a (K + 1, K + 1) confusion matrix (rows truth, columns prediction)."""
+    cm = confusion.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = tp / union.clamp_min(1)
+    present = union[1:] > 0
+    return {
+        "miou": float(iou[1:][present].mean()) if present.any() else float("nan"),
+        "pixel_acc": float(tp.sum() / cm.sum().clamp_min(1)),
+        "iou_background": float(iou[0]),
+    }
+
+
 class SegmentationTrainer(Trainer):
     """Trains `model(image) -> (B, K + 1, H, W)` logits against (B, H, W) masks."""
 
@@ -120,17 +135,8 @@ class SegmentationTrainer(Trainer):
             confusion += torch.bincount(
                 y.flatten() * n + logits.argmax(1).flatten(), minlength=n * n
             )
-        cm = confusion.view(n, n).double()  # rows: truth, columns: prediction
-        tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
-        iou = tp / union.clamp_min(1)
-        present = union[1:] > 0
-        metrics = {
-            f"{prefix}/miou": float(iou[1:][present].mean()) if present.any() else float("nan"),
-            f"{prefix}/pixel_acc": float(tp.sum() / cm.sum()),
-            f"{prefix}/iou_background": float(iou[0]),
-            f"{prefix}/loss": float(loss_sum) / max(items, 1),
-        }
+        metrics = {f"{prefix}/{k}": v for k, v in scores(confusion.view(n, n)).items()}
+        metrics[f"{prefix}/loss"] = float(loss_sum) / max(items, 1)
         if self.writer is not None:
             batch = self.data.example_batch(OVERLAYS, "test")
             shown = self.data.example_batch(OVERLAYS, "test", mean=[0.0], std=[1.0])["image"]

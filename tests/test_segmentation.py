@@ -1,0 +1,139 @@
+"""Digit scenes, U-Net segmentation, Dice and IoU known answers, and mode=predict."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dlrun.cli import build_trainer, run
+from dlrun.data.scenes import _overlap, compose
+from dlrun.dense_losses import SegObjective, dice_loss, pixel_cross_entropy
+from dlrun.errors import UserError
+from dlrun.trainers.segmentation import scores
+
+TINY = ("model=unet", "data=mnist_seg", "model.base_width=4", "model.depth=2",
+        "data.train_scenes=40", "data.test_scenes=12", "data.batch_size=8")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread: None) -> None:
+    """Tiny nets: one thread each (see conftest)."""
+
+
+def digits(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 28 px 'digits': a bright block at a random place, label = i % 10."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    for i in range(n):
+        r, c = (int(v) for v in torch.randint(2, 14, (2,), generator=g))
+        x[i, 0, r : r + 12, c : c + 10] = 255
+    return x, torch.arange(n) % 10
+
+
+def test_scenes_masks_and_boxes_agree_with_the_pasted_objects() -> None:
+    x, y = digits()
+    s = compose(x, y, 50, torch.Generator().manual_seed(1))
+    assert s.images.shape == (50, 1, 64, 64) and s.masks.shape == (50, 64, 64)
+    count = (s.box_labels >= 0).sum(1)
+    assert count.min() >= 2 and count.max() <= 4
+    for i in range(50):
+        for box, label in zip(s.boxes[i], s.box_labels[i], strict=True):
+            if label < 0:
+                continue
+            x0, y0, x1, y1 = box.long().tolist()
+            # The object's pixels lie inside its box, and its box is not empty.
+            outside = (s.masks[i] == label + 1).clone()
+            outside[y0:y1, x0:x1] = False
+            inside_bright = s.images[i, 0, y0:y1, x0:x1] >= 128
+            assert x1 > x0 and y1 > y0 and inside_bright.any()
+            assert not outside.any() or (s.box_labels[i] == label).sum() > 1
+        bright = s.images[i, 0] >= 128
+        assert torch.equal(bright, s.masks[i] > 0)  # mask = pixels of intensity >= 0.5
+        valid = s.box_labels[i] >= 0
+        b = s.boxes[i][valid]
+        ov = _overlap(b[:, None], b[None]).fill_diagonal_(0)
+        assert ov.max() <= 0.2 + 1e-6
+
+
+def test_the_same_seed_makes_the_same_scenes() -> None:
+    x, y = digits()
+    a = compose(x, y, 20, torch.Generator().manual_seed(3))
+    b = compose(x, y, 20, torch.Generator().manual_seed(3))
+    c = compose(x, y, 20, torch.Generator().manual_seed(4))
+    assert torch.equal(a.images, b.images) and torch.equal(a.boxes, b.boxes)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_test_scenes_do_not_depend_on_the_run_seed(make_cfg) -> None:
+    one = build_trainer(make_cfg(*TINY, "seed=1"), "unused").data
+    two = build_trainer(make_cfg(*TINY, "seed=2"), "unused").data
+    assert torch.equal(one.scenes["test"].images, two.scenes["test"].images)
+    assert not torch.equal(one.scenes["train"].images, two.scenes["train"].images)
+
+
+def test_dice_and_iou_known_answers() -> None:
+    target = torch.tensor([[[0, 1], [1, 2]]])
+    perfect = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 100
+    assert dice_loss(perfect, target, eps=0) == pytest.approx(0, abs=1e-6)
+    uniform = torch.zeros(1, 3, 2, 2)
+    # p = 1/3 everywhere: class 0 (1 pixel): 2 * 1/3 / (4/3 + 1) = 2/7; class 1 (2 px): 4/3 / (10/3) = 2/5.
+    expect = 1 - (2 / 7 + 2 / 5 + 2 / 7) / 3
+    assert dice_loss(uniform, target, eps=0) == pytest.approx(expect)
+    assert pixel_cross_entropy(uniform, target) == pytest.approx(torch.log(torch.tensor(3.0)))
+    both = SegObjective("dice", 1.0, 1.0)(uniform, target)
+    assert both == pytest.approx(
+        float(dice_loss(uniform, target)) + float(torch.log(torch.tensor(3.0)))
+    )
+    # Truth rows, prediction columns: background 5 px right and 1 called class 1; class 1: 2 right,
+    # 2 called class 2; class 2: 3 right.
+    cm = torch.tensor([[5, 1, 0], [0, 2, 2], [0, 0, 3]])
+    out = scores(cm)
+    assert out["pixel_acc"] == pytest.approx(10 / 13)
+    assert out["iou_background"] == pytest.approx(5 / 6)
+    assert out["miou"] == pytest.approx((2 / 5 + 3 / 5) / 2)
+
+
+def test_unet_trains_logs_overlays_and_scores_the_scenes(make_cfg, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = run(make_cfg(*TINY, "trainer.max_steps=3"), tmp_path)
+    assert metrics["step"] == 3
+    for key in ("val/miou", "val/pixel_acc", "val/iou_background"):
+        assert 0 <= metrics[key] <= 1
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
+    assert {"test/truth", "val/predictions"} <= set(events.Tags()["images"])
+
+
+def test_predict_mode_writes_overlays_class_maps_and_json(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg(*TINY, "trainer.max_steps=1"), tmp_path / "train")
+    ckpt = tmp_path / "train" / "checkpoints" / "last.pt"
+    out = run(make_cfg(*TINY, "mode=predict", f"ckpt={ckpt}", "predict.n=3"), tmp_path / "p")
+    assert out["predict/items"] == 3
+    records = json.loads((tmp_path / "p" / "predict" / "predictions.json").read_text())
+    assert [r["name"] for r in records] == ["test_000000", "test_000001", "test_000002"]
+    classes = Image.open(tmp_path / "p" / "predict" / "test_000000_classes.png")
+    assert classes.size == (64, 64)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("L", (50, 50), 200).save(folder / "scene.png")
+    run(make_cfg(*TINY, "mode=predict", f"ckpt={ckpt}", f"predict.input={folder}"), tmp_path / "q")
+    assert (tmp_path / "q" / "predict" / "scene.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (("loss=cross_entropy",), "Segmentation trains with loss=seg_ce"),
+        (("data.source=cifar100",), "not an object set"),
+        (("model.depth=7",), "multiple of 128"),
+        (("loss.ce_weight=0",), "not both 0"),
+        (("model=lenet", "trainer=segmentation", "loss=seg_ce"), "must output"),
+        (("data.scale=[1.0,3.0]",), "do not fit"),
+    ],
+)
+def test_user_mistakes_are_one_clear_error(make_cfg, keys: tuple, message: str) -> None:
+    base = TINY[1:2] + TINY[4:] if keys[0].startswith("model=") else TINY  # data keys only
+    with pytest.raises(UserError, match=message):
+        build_trainer(make_cfg(*base, *keys), "unused")
