@@ -137,3 +137,27 @@ def test_user_mistakes_are_one_clear_error(make_cfg, keys: tuple, message: str) 
     base = TINY[1:2] + TINY[4:] if keys[0].startswith("model=") else TINY  # data keys only
     with pytest.raises(UserError, match=message):
         build_trainer(make_cfg(*base, *keys), "unused")
+
+
+def test_fcn_upsamples_bilinearly_at_the_start_and_fuses_8s_16s_32s() -> None:
+    from dlrun.models.fcn import FCN, bilinear_up
+
+    x = torch.rand(1, 2, 8, 8)
+    interp = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear")
+    assert torch.allclose(bilinear_up(2, 4)(x)[..., 4:-4, 4:-4], interp[..., 4:-4, 4:-4], atol=1e-6)
+    fused = {}
+    for variant in ("8s", "16s", "32s"):
+        net = FCN(in_channels=1, image_size=64, num_classes=10, backbone="alexnet", variant=variant)
+        assert net(torch.randn(2, 1, 64, 64)).shape == (2, 11, 64, 64)
+        fused[variant] = len(net.score)
+    assert fused == {"8s": 3, "16s": 2, "32s": 1}
+    with pytest.raises(UserError, match="not all convolutional"):
+        FCN(in_channels=1, image_size=64, num_classes=10, backbone="mlp")
+    with pytest.raises(UserError, match="2x apart"):
+        FCN(in_channels=1, image_size=64, num_classes=10, backbone="lenet")
+
+
+def test_fcn_trains_on_the_scenes(make_cfg, tmp_path: Path) -> None:
+    keys = ("model=fcn", "model.backbone=alexnet", *TINY[1:2], *TINY[4:], "trainer.max_steps=2")
+    metrics = run(make_cfg(*keys), tmp_path)
+    assert metrics["step"] == 2 and 0 <= metrics["val/miou"] <= 1
