@@ -172,4 +172,5 @@ class SceneData(DeviceGenerators):
             },
             "val_is_test": self.counts["val"] == 0,
             "holdout": True,
+            "holdout_hint": ("data.val_scenes=0", "data.val_scenes=1000"),
         }

@@ -370,7 +370,10 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         # A data set without a held-out alternative (CycleGAN's test sets are its benchmark)
         # gets no advice to hold images out.
         self.monitor.update(
-            metrics, self.step_count, about.get("val_is_test") and about.get("holdout", True)
+            metrics,
+            self.step_count,
+            about.get("val_is_test") and about.get("holdout", True),
+            *([tuple(about["holdout_hint"])] if "holdout_hint" in about else []),
         )
         return time.perf_counter() - began
 

@@ -56,20 +56,31 @@ class Monitor:
             return True
         return score > than if self.mode == "max" else score < than
 
-    def update(self, metrics: Mapping[str, float], step: int, val_is_test: bool | None) -> None:
-        """After an evaluation: did the monitored value improve; is patience used up."""
+    def update(
+        self,
+        metrics: Mapping[str, float],
+        step: int,
+        val_is_test: bool | None,
+        holdout: tuple[str, str] = ("data.val_split=0", "data.val_split=0.1 (or a count)"),
+    ) -> None:
+        """After an evaluation: did the monitored value improve; is patience used up.
+
+        `holdout`: the data's (setting that made val the test split, setting that fixes it).
+        """
         if self.name is None or self.name not in metrics:
             return
         if val_is_test and not self.warned:
             self.warned = True
             log.warning(
-                "%s is measured on the test split (data.val_split=0): best.pt%s select on the "
-                "test set, which makes its score optimistic. Set data.val_split=0.1 (or a count) "
+                "%s is measured on the test split (%s): best.pt%s select on the "
+                "test set, which makes its score optimistic. Set %s "
                 "to select on images held out of training.",
                 self.name,
+                holdout[0],
                 ", early stopping and a sweep's objective"
                 if self.patience
                 else " and a sweep's objective",
+                holdout[1],
             )
         score = metrics[self.name]
         if self.better(score, self.best):
