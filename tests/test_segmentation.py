@@ -161,3 +161,19 @@ def test_fcn_trains_on_the_scenes(make_cfg, tmp_path: Path) -> None:
     keys = ("model=fcn", "model.backbone=alexnet", *TINY[1:2], *TINY[4:], "trainer.max_steps=2")
     metrics = run(make_cfg(*keys), tmp_path)
     assert metrics["step"] == 2 and 0 <= metrics["val/miou"] <= 1
+
+
+def test_mnist_det_is_the_same_scenes_with_boxes_for_detectors(make_cfg) -> None:
+    from hydra.utils import instantiate
+
+    seg = instantiate(make_cfg("data=mnist_seg", "data.train_scenes=8", "data.test_scenes=4").data)
+    det = instantiate(make_cfg("data=mnist_det", "data.train_scenes=8", "data.test_scenes=4").data)
+    for d in (seg, det):
+        d.setup(torch.device("cpu"), 0)
+    assert det.kind == "detection" and torch.equal(
+        seg.scenes["test"].boxes, det.scenes["test"].boxes
+    )
+    batch = next(iter(det.train_loader()))
+    assert batch["boxes"].shape == (8, 4, 4) and batch["box_labels"].shape == (8, 4)
+    with pytest.raises(UserError, match="is detection data"):
+        build_trainer(make_cfg("data=mnist_det", "data.train_scenes=8", "data.test_scenes=4"), "x")
