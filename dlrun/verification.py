@@ -103,8 +103,3 @@ def knn_accuracy(embeddings: Tensor, labels: Tensor, k: int = 5, chunk: int = 20
         votes.scatter_add_(1, labels[idx], weight)
         correct += (votes.argmax(1) == labels[start : start + chunk]).sum()
     return float(correct) / n
-
-
-def pair_distances(embeddings: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """Euclidean distances of the pairs (i, j) of a split's embeddings."""
-    return (embeddings[i] - embeddings[j]).float().pow(2).sum(1).sqrt()

@@ -131,6 +131,8 @@ def test_predict_mode_writes_overlays_class_maps_and_json(make_cfg, tmp_path: Pa
         (("loss.ce_weight=0",), "not both 0"),
         (("model=lenet", "trainer=segmentation", "loss=seg_ce"), "must output"),
         (("data.scale=[1.0,3.0]",), "do not fit"),
+        (("data.num_classes=5",), "data.num_classes=5 does not describe these scenes"),
+        (("data.image_size=32",), "data.image_size=32 does not describe"),
     ],
 )
 def test_user_mistakes_are_one_clear_error(make_cfg, keys: tuple, message: str) -> None:

@@ -83,6 +83,15 @@ class SceneData(DeviceGenerators):
         self.num_classes = len(self.classes)  # objects; masks add the background as class 0
         self.channels = int(splits.train_x.shape[1])
         self.canvas, self.image_size = canvas, canvas
+        # The keys models read (${data.channels} ...) must describe these scenes: not settable.
+        given = {"channels": channels, "image_size": image_size, "num_classes": num_classes}
+        actual = {"channels": self.channels, "image_size": canvas, "num_classes": self.num_classes}
+        for key, value in given.items():
+            if value is not None and value != actual[key]:
+                raise UserError(
+                    f"data.{key}={value} does not describe these scenes ({key} {actual[key]}, "
+                    f"from data.source and data.canvas); leave data.{key} as it is."
+                )
         self.layout = {
             "canvas": canvas,
             "per_scene": (int(per_scene[0]), int(per_scene[1])),

@@ -30,17 +30,22 @@ class Scenes:
     box_labels: Tensor
 
 
+def pixel_boxes(on: Tensor) -> tuple[Tensor, Tensor]:
+    """Boxes of the true pixels of (N, H, W) masks, xyxy with exclusive ends, and which masks
+    have any: batched, where torchvision's masks_to_boxes loops over the masks in Python."""
+    rows, cols = on.any(2), on.any(1)  # (N, H), (N, W)
+    first = lambda m: m.float().argmax(1)  # noqa: E731
+    end = lambda m: m.shape[1] - m.flip(1).float().argmax(1)  # noqa: E731
+    return torch.stack([first(cols), first(rows), end(cols), end(rows)], 1).float(), rows.any(1)
+
+
 def tight_boxes(objects: Tensor, threshold: float = 0.5) -> Tensor:
     """(N, 4) xyxy boxes of each object's pixels of intensity >= threshold, in its own pixels
     (the whole object where none reaches it)."""
-    on = objects.amax(1) >= threshold * 255  # (N, h, w)
-    h, w = on.shape[1:]
-    rows, cols = on.any(2), on.any(1)
-    first = lambda m: m.float().argmax(1)  # noqa: E731
-    last = lambda m: m.shape[1] - m.flip(1).float().argmax(1)  # noqa: E731
-    box = torch.stack([first(cols), first(rows), last(cols), last(rows)], 1).float()
+    box, has = pixel_boxes(objects.amax(1) >= threshold * 255)
+    h, w = objects.shape[-2:]
     whole = torch.tensor([0.0, 0.0, w, h], device=objects.device)
-    return torch.where(rows.any(1)[:, None], box, whole)
+    return torch.where(has[:, None], box, whole)
 
 
 def _overlap(a: Tensor, b: Tensor) -> Tensor:
@@ -76,9 +81,10 @@ def compose(
             "raise data.canvas or lower data.scale."
         )
     device = objects.device
+    own_boxes = tight_boxes(objects, threshold)  # each object's own box, found once
     parts = [
-        _compose_chunk(objects, labels, min(chunk, n - start), generator, canvas, lo, hi, scale,
-                       max_overlap, threshold)
+        _compose_chunk(objects, own_boxes, labels, min(chunk, n - start), generator, canvas, lo,
+                       hi, scale, max_overlap, threshold)
         for start in range(0, n, chunk)
     ]  # fmt: skip
     if not parts:
@@ -96,6 +102,7 @@ def compose(
 
 def _compose_chunk(
     objects: Tensor,
+    own_boxes: Tensor,
     labels: Tensor,
     s: int,
     g: torch.Generator,
@@ -118,7 +125,7 @@ def _compose_chunk(
     )
     square = torch.cat([corner, corner + side[..., None]], -1)  # (S, M, K, 4): where it could go
     # The overlap rule is on the objects' own boxes (a digit fills the middle of its 28 px square).
-    own = tight_boxes(objects, threshold)[pick]  # (S, M, 4) in the object's pixels
+    own = own_boxes[pick]  # (S, M, 4) in the object's pixels
     cand = corner.repeat(1, 1, 1, 2) + own[:, :, None, :] * scales[..., None]
     # A pixel of slack each way: the pasted (resampled) object's box may come out a pixel larger.
     slack = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=device)
@@ -157,11 +164,7 @@ def _compose_chunk(
         image = torch.maximum(image, pasted)
         on = pasted.amax(1) >= threshold  # (S, H, W): this object's pixels
         mask = torch.where(on, labels[pick[:, j]][:, None, None] + 1, mask)
-        rows, cols = on.any(2), on.any(1)  # (S, H), (S, W)
-        has = rows.any(1)
-        first = lambda m: m.float().argmax(1)  # noqa: E731
-        last = lambda m: canvas - 1 - m.flip(1).float().argmax(1)  # noqa: E731
-        tight = torch.stack([first(cols), first(rows), last(cols) + 1, last(rows) + 1], 1).float()
+        tight, has = pixel_boxes(on)
         boxes[:, j] = torch.where(has[:, None], tight, boxes[:, j])
         box_labels[:, j] = torch.where(has, labels[pick[:, j]], box_labels[:, j])
     return Scenes((image * 255).round().to(torch.uint8), mask, boxes, box_labels)

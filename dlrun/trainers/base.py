@@ -373,7 +373,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             metrics,
             self.step_count,
             about.get("val_is_test") and about.get("holdout", True),
-            *([tuple(about["holdout_hint"])] if "holdout_hint" in about else []),
+            about.get("holdout_hint"),
         )
         return time.perf_counter() - began
 

@@ -31,7 +31,6 @@ from dlrun.metric_losses import (
 )
 from dlrun.models.siamese import Siamese
 from dlrun.trainers.base import Sums, Trainer
-from dlrun.trainers.modes import folder_inputs
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -78,7 +77,6 @@ class MetricTrainer(Trainer):
                 )
         self.loss, self.knn_k, self.projector_n = loss, knn_k, projector_n
         self.threshold: float | None = None  # on pair scores: chosen on the validation pairs
-        self.roc: dict[str, tuple[Tensor, Tensor, float]] = {}
 
     @property
     def siamese(self) -> Siamese:
@@ -179,10 +177,10 @@ class MetricTrainer(Trainer):
         split = "val" if prefix == "val" else "test"
         i, j = (t.to(self.device) for t in self.data.eval_pairs(split))
         same, s = y[i] == y[j], self.scores(ea[i], eb[j])
-        if prefix == "val" or self.threshold is None:  # a test score needs a threshold first
-            threshold, best = verification.best_threshold(s, same)
-            if prefix == "val":
-                self.threshold = threshold
+        if prefix == "val":  # the threshold is chosen here, and only applied to the test pairs
+            self.threshold, _ = verification.best_threshold(s, same)
+        elif self.threshold is None:
+            raise RuntimeError("score the validation pairs first: they choose the threshold")
         auc = verification.roc_auc(s, same)
         out = {
             f"{prefix}/verify_acc": verification.accuracy_at(s, same, self.threshold),
@@ -192,7 +190,12 @@ class MetricTrainer(Trainer):
             if self.siamese.head is not None
             else -self.threshold,
         }
-        self.roc[prefix] = (*verification.roc_curve(s, same), auc)
+        if self.writer is not None:
+            fpr, tpr = verification.roc_curve(s, same)
+            title = f"{prefix} pairs: ROC AUC {auc:.4f}"
+            self.writer.add_image(
+                f"{prefix}/roc", verification.roc_image(fpr, tpr, title), self.step_count
+            )
         holdout = self.data.describe().get("holdout_classes")
         if holdout and (split == "test" or self.data.describe()["val_is_test"]):
             # One-shot verification: pairs of classes the network never saw.
@@ -200,12 +203,6 @@ class MetricTrainer(Trainer):
             same, s = y[i] == y[j], self.scores(ea[i], eb[j])
             out[f"{prefix}/verify_acc_unseen"] = verification.accuracy_at(s, same, self.threshold)
             out[f"{prefix}/roc_auc_unseen"] = verification.roc_auc(s, same)
-        if self.writer is not None:
-            fpr, tpr, auc = self.roc[prefix]
-            title = f"{prefix} pairs: ROC AUC {auc:.4f}"
-            self.writer.add_image(
-                f"{prefix}/roc", verification.roc_image(fpr, tpr, title), self.step_count
-            )
         return out
 
     # ----- TensorBoard --------------------------------------------------------------------------
@@ -260,15 +257,11 @@ class MetricTrainer(Trainer):
         """embed.input (a split, or a folder of images) -> <run>/embed/: embeddings.pt, and the
         projector's two TSV files (tensors.tsv, metadata.tsv: load both at projector.tensorflow.org)."""
         spec = str(options.get("input") or "test")
-        if spec in SPLITS:
-            n = self.data.describe()["sizes"][spec]
-            batch = self.data.example_batch(n, spec)
-            images, labels = batch["image"], batch["label"].cpu()
-            names = [f"{spec}_{k:06d}" for k in range(n)]
-        else:
-            c, h, w = self.data.describe()["input_shape"]
-            names, raw = folder_inputs(spec, c, max(h, w))
-            images, labels = Normalize(self.data.mean, self.data.std).normalize(raw), None
+        names, raw = self.mode_inputs(options)  # a split's images, or a folder's, as uint8
+        images = Normalize(self.data.mean, self.data.std).normalize(raw)
+        labels = (
+            self.data.example_batch(len(names), spec)["label"].cpu() if spec in SPLITS else None
+        )
         emb, _ = self.embed(images)
         emb = emb.cpu()
         out = self.output_dir("embed")

@@ -61,12 +61,13 @@ class Monitor:
         metrics: Mapping[str, float],
         step: int,
         val_is_test: bool | None,
-        holdout: tuple[str, str] = ("data.val_split=0", "data.val_split=0.1 (or a count)"),
+        holdout: tuple[str, str] | None = None,
     ) -> None:
         """After an evaluation: did the monitored value improve; is patience used up.
 
         `holdout`: the data's (setting that made val the test split, setting that fixes it).
         """
+        holdout = holdout or ("data.val_split=0", "data.val_split=0.1 (or a count)")
         if self.name is None or self.name not in metrics:
             return
         if val_is_test and not self.warned:

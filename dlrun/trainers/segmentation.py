@@ -5,6 +5,7 @@ batch), so IoU is the split's, not a mean of batch IoUs. Mean IoU averages the o
 (1..K); the background's IoU is reported apart, since it would flatter every model.
 """
 
+import colorsys
 import json
 import logging
 from collections.abc import Mapping
@@ -19,7 +20,6 @@ from dlrun.data.transforms import Normalize
 from dlrun.dense_losses import SegObjective
 from dlrun.errors import UserError
 from dlrun.trainers.base import Sums, Trainer
-from dlrun.trainers.modes import folder_inputs
 
 log = logging.getLogger(__name__)
 OVERLAYS = 8  # fixed test scenes drawn with their predicted masks
@@ -27,8 +27,6 @@ OVERLAYS = 8  # fixed test scenes drawn with their predicted masks
 
 def palette(k: int) -> list[tuple[int, int, int]]:
     """k distinct colours (HSV around the circle), for classes 1..k."""
-    import colorsys
-
     return [
         tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / k, 0.9, 1.0))  # type: ignore[misc]
         for i in range(k)
@@ -160,14 +158,10 @@ class SegmentationTrainer(Trainer):
     ) -> dict[str, float]:
         """predict.input (a folder of images, or a split) -> <run>/predict/: one overlay PNG and
         one class-map PNG (pixel value = class, 0 background) per image, predictions.json."""
-        spec = str(options.get("input") or "test")
-        c, h, w = self.data.describe()["input_shape"]
-        if spec in ("train", "val", "test"):
-            n = min(int(options.get("n") or 64), self.data.describe()["sizes"][spec])
-            images = self.data.example_batch(n, spec, mean=[0.0], std=[1 / 255])["image"]
-            names, raw = [f"{spec}_{i:06d}" for i in range(n)], images.round().to(torch.uint8)
-        else:
-            names, raw = folder_inputs(spec, c, max(h, w))
+        names, raw = self.mode_inputs(options)  # a split's scenes, or a folder's images, as uint8
+        if str(options.get("input") or "test") in ("train", "val", "test"):
+            n = int(options.get("n") or 64)  # a split: its first predict.n scenes
+            names, raw = names[:n], raw[:n]
         x = Normalize(self.data.mean, self.data.std).normalize(raw.to(self.device))
         classes = self.predict_classes(x).cpu()
         out = self.output_dir("predict")
