@@ -170,6 +170,12 @@ class SceneData(DeviceGenerators):
         batch["image"] = self._normalize(mean, std).normalize(batch["image"])
         return batch
 
+    def box_sizes(self, split: str = "train") -> Tensor:
+        """(N, 2) widths and heights of the split's boxes: what anchors are fitted to."""
+        s = self.scenes[split]
+        boxes = s.boxes[s.box_labels >= 0]
+        return boxes[:, 2:] - boxes[:, :2]
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

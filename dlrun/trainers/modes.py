@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dlrun import checkpoint
 from dlrun.data.folder import IMAGE_SUFFIXES
 from dlrun.data.folder import decode as decode_image
+from dlrun.data.transforms import Normalize
 from dlrun.errors import UserError
 from dlrun.tb import log_config, log_hparams
 
@@ -97,6 +98,16 @@ class RunModes:
             images = self.data.example_batch(n, spec, mean=[0.0], std=[1 / 255])["image"]
             return [f"{spec}_{i:06d}" for i in range(n)], images.round().to(torch.uint8)
         return folder_inputs(spec, c, max(h, w))
+
+    def predict_inputs(self, options: Mapping[str, Any]) -> tuple[list[str], Tensor, Tensor]:
+        """`mode_inputs` for predict modes: a split gives its first `predict.n` items. Returns
+        names, the uint8 images (to draw on) and the images normalised as the model wants."""
+        names, raw = self.mode_inputs(options)
+        if str(options.get("input") or "test") in ("train", "val", "test"):
+            n = int(options.get("n") or 64)
+            names, raw = names[:n], raw[:n]
+        x = Normalize(self.data.mean, self.data.std).normalize(raw.to(self.device))
+        return names, raw, x
 
     def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
         """Score the checkpoint on the test split: test/* in metrics.json and the log."""

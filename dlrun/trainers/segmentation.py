@@ -16,7 +16,6 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
-from dlrun.data.transforms import Normalize
 from dlrun.dense_losses import SegObjective
 from dlrun.errors import UserError
 from dlrun.trainers.base import Sums, Trainer
@@ -158,11 +157,7 @@ class SegmentationTrainer(Trainer):
     ) -> dict[str, float]:
         """predict.input (a folder of images, or a split) -> <run>/predict/: one overlay PNG and
         one class-map PNG (pixel value = class, 0 background) per image, predictions.json."""
-        names, raw = self.mode_inputs(options)  # a split's scenes, or a folder's images, as uint8
-        if str(options.get("input") or "test") in ("train", "val", "test"):
-            n = int(options.get("n") or 64)  # a split: its first predict.n scenes
-            names, raw = names[:n], raw[:n]
-        x = Normalize(self.data.mean, self.data.std).normalize(raw.to(self.device))
+        names, raw, x = self.predict_inputs(options)
         classes = self.predict_classes(x).cpu()
         out = self.output_dir("predict")
         out.mkdir(parents=True, exist_ok=True)
