@@ -73,6 +73,20 @@ def test_test_scenes_do_not_depend_on_the_run_seed(make_cfg) -> None:
     assert not torch.equal(one.scenes["train"].images, two.scenes["train"].images)
 
 
+def test_validation_scenes_come_from_held_out_training_digits(make_cfg) -> None:
+    keys = ("data.val_scenes=6", "data.val_objects=50", "seed=3")
+    data = build_trainer(make_cfg(*TINY, *keys), "unused").data
+    (train_x, train_y), (test_x, test_y) = data.objects["train"], data.objects["test"]
+    fixed = torch.Generator().manual_seed(0)
+    assert torch.equal(data.scenes["test"].images, compose(test_x, test_y, 12, fixed).images)
+    val = compose(train_x[150:], train_y[150:], 6, fixed)  # the fixed generator, after the test
+    train = compose(train_x[:150], train_y[:150], 40, torch.Generator().manual_seed(3))
+    assert torch.equal(data.scenes["val"].images, val.images)
+    assert torch.equal(data.scenes["train"].images, train.images)
+    with pytest.raises(UserError, match="data.val_objects must be between 1 and the 199"):
+        build_trainer(make_cfg(*TINY, "data.val_scenes=6", "data.val_objects=200"), "unused")
+
+
 def test_dice_and_iou_known_answers() -> None:
     target = torch.tensor([[[0, 1], [1, 2]]])
     perfect = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 100

@@ -1,8 +1,10 @@
 """`data=mnist_seg` / `mnist_det`: scenes of real digits (or any object set), made on the device.
 
-Training scenes come from training objects and the run's `seed`; validation and test scenes
-from test objects and `data.scene_seed`, fixed whatever `seed` is. Batches hold "image",
-"mask" (B, H, W: 0 background, 1 + class), "boxes" (B, M, 4) and "box_labels" (B, M, -1 empty).
+Training scenes come from training objects and the run's `seed`; test scenes from test objects
+and validation scenes (`data.val_scenes` > 0) from the last `data.val_objects` training objects,
+which training scenes then leave out; both from `data.scene_seed`, fixed whatever `seed` is.
+Batches hold "image", "mask" (B, H, W: 0 background, 1 + class), "boxes" (B, M, 4) and
+"box_labels" (B, M, -1 empty).
 """
 
 import logging
@@ -50,6 +52,7 @@ class SceneData(DeviceGenerators):
         train_scenes: int = 20000,
         test_scenes: int = 2000,
         val_scenes: int = 0,
+        val_objects: int = 5000,
         scene_seed: int = 0,
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
@@ -99,6 +102,12 @@ class SceneData(DeviceGenerators):
             "max_overlap": float(max_overlap),
         }
         self.counts = {"train": train_scenes, "val": val_scenes, "test": test_scenes}
+        if val_scenes and not 0 < val_objects < len(splits.train_x):
+            raise UserError(
+                f"data.val_objects must be between 1 and the {len(splits.train_x) - 1} training "
+                f"objects that leave some to train on, got {val_objects}."
+            )
+        self.val_objects = val_objects if val_scenes else 0
         self.scene_seed = scene_seed
         self.mean, self.std, self.hflip = list(mean), list(std), hflip
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -115,13 +124,16 @@ class SceneData(DeviceGenerators):
         fixed = torch.Generator(device=device).manual_seed(self.scene_seed)
         test_x, test_y = (t.to(device) for t in self.objects["test"])
         self.scenes["test"] = compose(test_x, test_y, self.counts["test"], fixed, **self.layout)
-        if self.counts["val"]:  # from the test objects too, after the test scenes: disjoint draws
-            self.scenes["val"] = compose(test_x, test_y, self.counts["val"], fixed, **self.layout)
+        train_x, train_y = (t.to(device) for t in self.objects["train"])
+        keep = len(train_x) - self.val_objects
+        if self.counts["val"]:  # the last data.val_objects training digits, never trained on
+            self.scenes["val"] = compose(
+                train_x[keep:], train_y[keep:], self.counts["val"], fixed, **self.layout
+            )
         else:
             self.scenes["val"] = self.scenes["test"]
-        train_x, train_y = (t.to(device) for t in self.objects["train"])
         self.scenes["train"] = compose(
-            train_x, train_y, self.counts["train"],
+            train_x[:keep], train_y[:keep], self.counts["train"],
             torch.Generator(device=device).manual_seed(seed), **self.layout,
         )  # fmt: skip
         self.seed_generators(device, seed, rank, world_size)
