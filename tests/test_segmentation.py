@@ -87,6 +87,22 @@ def test_validation_scenes_come_from_held_out_training_digits(make_cfg) -> None:
         build_trainer(make_cfg(*TINY, "data.val_scenes=6", "data.val_objects=200"), "unused")
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        ("data.source=fashion_mnist",),
+        # Any loader of the project as a config node: CIFAR-10's images as the objects.
+        (
+            "data.source={_target_:dlrun.data.cifar10.load,_partial_:true,cache_dir:null}",
+            "data.channels=3",
+        ),
+    ],
+)
+def test_other_object_sets_make_scenes_too(make_cfg, tmp_path: Path, source: tuple) -> None:
+    metrics = run(make_cfg(*TINY, *source, "trainer.max_steps=1"), tmp_path)
+    assert metrics["step"] == 1 and 0 <= metrics["val/miou"] <= 1
+
+
 def test_dice_and_iou_known_answers() -> None:
     target = torch.tensor([[[0, 1], [1, 2]]])
     perfect = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 100
