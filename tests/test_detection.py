@@ -178,3 +178,17 @@ def test_user_mistakes_are_one_clear_error(
             run(make_cfg(*base, *keys, "trainer.max_steps=1"), tmp_path)
         else:
             build_trainer(make_cfg(*base, *keys), "unused")
+
+
+@pytest.mark.parametrize("keys", [TINY, RCNN], ids=["yolo", "faster_rcnn"])
+def test_resume_ends_as_an_uninterrupted_run(make_cfg, tmp_path: Path, keys: tuple) -> None:
+    # Faster R-CNN samples anchors and proposals from the global RNG: resume restores it.
+    steps = (*keys, "sched=none", "data.train_scenes=16")
+    run(make_cfg(*steps, "trainer.max_epochs=1"), tmp_path / "r")
+    resumed = run(make_cfg(*steps, "trainer.max_epochs=2", "resume=true"), tmp_path / "r")
+    whole = run(make_cfg(*steps, "trainer.max_epochs=2"), tmp_path / "w")
+    assert resumed["step"] == whole["step"] == 4
+    assert resumed["val/map_50"] == whole["val/map_50"]
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"]
+            for d in (tmp_path / "r", tmp_path / "w"))  # fmt: skip
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -108,7 +108,8 @@ class DetectionTrainer(Trainer):
         self.optimize(loss)
         b = len(x)
         sums: dict[str, tuple[Tensor, int]] = {"loss": (loss.detach() * b, b)}
-        sums |= {f"loss_{k}": (v.detach() * b, b) for k, v in terms.items()}
+        # train/loss_<term>: YOLO's box, obj ...; torchvision's loss_classifier, ... lose "loss_"
+        sums |= {f"loss_{k.removeprefix('loss_')}": (v.detach() * b, b) for k, v in terms.items()}
         return sums
 
     @torch.no_grad()
