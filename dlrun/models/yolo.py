@@ -142,7 +142,8 @@ class YOLO(nn.Module):
         negative = ~positive & (overlap <= self.ignore_iou)
         n = max(len(gt), 1)
         obj = raw[..., 4]
-        # Where two boxes claim one slot the later one wins (index assignment): fetch it back.
+        # Two boxes claiming one cell and anchor both pull on that prediction (rare: their
+        # centres would be < 8 px apart with at most 20% overlap).
         hit = pred[img, best, gy, gx]
         terms = {
             "box": generalized_box_iou_loss(hit, gt, reduction="sum") / n,
