@@ -26,19 +26,23 @@ from dlrun.trainers.segmentation import palette
 log = logging.getLogger(__name__)
 DRAWN = 8  # fixed test scenes drawn with their boxes
 SHOW_SCORE = 0.5  # TensorBoard draws detections at least this sure
+DRAWN_PX = 256  # smallest side of a drawn image
 
 
 def draw(images: Tensor, detections: list[dict[str, Tensor]], classes: list[str]) -> Tensor:
-    """uint8 (B, 3, H, W): [0, 1] images with their boxes, coloured and named by class (and
-    score, where the detections have one)."""
+    """uint8 (B, 3, sH, sW): [0, 1] images with their boxes, coloured and named by class (and
+    score, where the detections have one), enlarged s times when smaller than DRAWN_PX."""
     colors = palette(len(classes))
     short = [
         c.split(" - ")[0] for c in classes
     ]  # MNIST's "7 - seven": a 64 px scene has room for "7"
     out = []
+    # Labels need room: a small image is drawn enlarged (nearest) to at least DRAWN_PX.
+    scale = max(1, DRAWN_PX // min(images.shape[-2:]))
     for image, det in zip(images, detections, strict=True):
         rgb = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
         rgb = rgb.expand(3, -1, -1) if rgb.shape[0] == 1 else rgb
+        rgb = rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         labels = det["labels"].cpu().tolist()
         scores = det["scores"].cpu().tolist() if "scores" in det else None
         names = [
@@ -46,7 +50,8 @@ def draw(images: Tensor, detections: list[dict[str, Tensor]], classes: list[str]
             for i, c in enumerate(labels)
         ]
         if labels:  # (torchvision warns on an empty set of boxes)
-            rgb = draw_bounding_boxes(rgb, det["boxes"].cpu(), names, [colors[c] for c in labels])
+            box = det["boxes"].cpu() * scale
+            rgb = draw_bounding_boxes(rgb, box, names, [colors[c] for c in labels], width=2)
         out.append(rgb)
     return torch.stack(out)
 
@@ -154,7 +159,8 @@ class DetectionTrainer(Trainer):
         self, state: Mapping[str, Any], options: Mapping[str, Any]
     ) -> dict[str, float]:
         """predict.input (a folder of images, or a split) -> <run>/predict/: one PNG per image
-        with its boxes drawn, predictions.json with every box at least predict.score sure."""
+        with its boxes drawn (enlarged to 256 px), predictions.json with every box at least
+        predict.score sure, in the input's pixels."""
         threshold = float(options.get("score", SHOW_SCORE))
         if not 0 <= threshold <= 1:
             raise UserError(f"predict.score must be in [0, 1], got {threshold}.")
