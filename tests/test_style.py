@@ -424,3 +424,11 @@ def test_mistakes_exit_non_zero_with_one_clear_message(
         assert not any((tmp_path / name).glob("*"))  # nothing written for a refused run
     err = results["no_features"][1]
     assert "style.features_ckpt=PATH" in err and imagenet_weights()[0].name in err
+
+
+def test_lbfgs_with_a_task_that_gives_no_closure_is_one_clear_error(make_cfg) -> None:
+    from dlrun.cli import build_trainer
+    from dlrun.errors import UserError
+
+    with pytest.raises(UserError, match="optim=lbfgs re-evaluates the loss through a closure"):
+        build_trainer(make_cfg("model=lenet", "data=mnist", "optim=lbfgs", "sched=none"), "unused")

@@ -139,6 +139,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         return {"model": self.model}
 
     frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
+    # Optimizers that re-evaluate the loss (L-BFGS) need a task that steps through a closure.
+    takes_closures: bool = False
 
     def role_steps(self, role: str) -> tuple[int, int]:
         """(total, per epoch) optimizer steps a role takes: what its schedule is laid over."""
@@ -213,6 +215,13 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             accumulate=self.accumulate,
         )
         self.optimizers, self.scaler = self.opt.optimizers, self.opt.scaler
+        if not self.takes_closures and any(
+            isinstance(o, torch.optim.LBFGS) for o in self.optimizers.values()
+        ):
+            raise UserError(
+                f"optim=lbfgs re-evaluates the loss through a closure, which {type(self).__name__} "
+                "does not give it (only model=style_transfer does); use optim=adam, adamw or sgd."
+            )
         self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
         self.guard = NonFiniteGuard(
             self.on_nonfinite, self.log_every, list(self.optimizers), self.device

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 class StyleTrainer(Trainer):
     """Roles "model" (the image, trained) and "features" (the VGG, frozen)."""
 
+    takes_closures = True  # L-BFGS steps through `optimize_closure`
+
     data_kinds = ("style",)
     frozen_roles = frozenset({"features"})
     # The objective of this run's own image: best.pt is its lowest-cost image (Adam oscillates;
