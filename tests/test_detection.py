@@ -109,7 +109,8 @@ def test_faster_rcnn_trains_through_the_same_trainer(make_cfg, tmp_path: Path) -
     assert metrics["step"] == 2 and 0 <= metrics["val/map_50"] <= 1
     # The fitted anchors come back with the checkpoint, into torchvision's anchor generator.
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    net = FasterRCNN(in_channels=1, image_size=64, num_classes=10, width=4, representation=16)
+    net = FasterRCNN(in_channels=1, image_size=64, num_classes=10, width=4, representation=16,
+                     stride=4)  # fmt: skip
     net.load_state_dict(state["model"])
     cells = net.detector.rpn.anchor_generator.cell_anchors[0]
     assert torch.allclose(cells[:, 2:] - cells[:, :2], state["model"]["anchors"], atol=1.0)

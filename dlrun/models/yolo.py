@@ -45,7 +45,7 @@ class YOLO(nn.Module):
         num_classes: int,
         anchors: Sequence[Sequence[float]] | None = None,
         num_anchors: int = 3,
-        width: int = 32,
+        width: int = 16,
         stride: int = 8,
         box_weight: float = 5.0,
         obj_weight: float = 1.0,
