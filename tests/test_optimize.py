@@ -320,6 +320,7 @@ class LeastSquares(Trainer):
     """Fits a linear regression with an optimizer that re-evaluates the loss (L-BFGS)."""
 
     default_monitor = "val/mse"
+    takes_closures = True
 
     def logged_metrics(self) -> list[str]:
         return ["val/mse", "train/mse"]
