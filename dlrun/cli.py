@@ -31,8 +31,11 @@ RENAMED = {"model.freeze": "freeze", "metrics.every_n_epochs": "trainer.val_ever
 
 
 def resolve_device(name: str) -> torch.device:
+    """The run's device; under torchrun `auto` and `cuda` mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.initialized():
+        name = f"cuda:{dist.local_rank()}"
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -197,8 +200,10 @@ def main() -> None:
         sys.exit(UserError.exit_code)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    dist.init_from_env()  # torchrun: before Hydra, so that rank 0 names the one run folder
     try:
         _hydra_main()
+        dist.shutdown()
     except Failed as failed:
         err = failed.error
         prefix = "dlrun: " if isinstance(err, Interrupted) else "dlrun: error: "

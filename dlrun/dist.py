@@ -6,11 +6,36 @@ writing files on the main process only. A DDP launcher (torchrun) initialises th
 before the run starts and the same calls then span every rank.
 """
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def init_from_env() -> bool:
+    """Join the process group when torchrun started this process (WORLD_SIZE > 1 in the
+    environment): gloo for CPU tensors, NCCL for CUDA ones, and LOCAL_RANK's GPU as this
+    process's device. Returns whether it joined (False: a single process, nothing to do)."""
+    if initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"  # one group; each tensor goes by its device
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def shutdown() -> None:
+    if initialized():
+        dist.destroy_process_group()
 
 
 def initialized() -> bool:

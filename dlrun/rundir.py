@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dlrun import dist
 from dlrun.errors import WriteFailed
 
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job format
@@ -30,6 +31,8 @@ def unique_dir(base: str) -> str:
     timestamp, same model and data) exactly one gets `base`. Memoized: Hydra may resolve the
     run folder more than once, and it must be the same folder every time.
     """
+    if base not in _MADE and not dist.is_main():  # torchrun: rank 0 claims, the others agree
+        _MADE[base] = Path(dist.broadcast_object(None))
     if base not in _MADE:
         path = Path(base)
         _NEW_PARENTS.extend(p.resolve() for p in path.parents if not p.exists())
@@ -45,6 +48,8 @@ def unique_dir(base: str) -> str:
         except OSError as err:
             raise RunDirError(cannot_create(path, err)) from None
         _MADE[base] = candidate.resolve()
+        if dist.initialized():
+            dist.broadcast_object(str(_MADE[base]))
     return str(_MADE[base])
 
 

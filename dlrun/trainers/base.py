@@ -226,7 +226,13 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         self.guard = NonFiniteGuard(
             self.on_nonfinite, self.log_every, list(self.optimizers), self.device
         )
-        self.nets = {r: torch.compile(m) if self.compile else m for r, m in roles.items()}
+        nets = dict(roles)
+        if dist.initialized():  # torchrun: each trained role averages its gradients over ranks
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            for role, params in trainable.items():
+                if params:
+                    nets[role] = nn.parallel.DistributedDataParallel(roles[role], device_ids=ids)
+        self.nets = {r: torch.compile(m) if self.compile else m for r, m in nets.items()}
         self.monitor.resolve(self.default_monitor)
         self.is_setup = True
 
