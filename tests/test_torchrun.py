@@ -115,3 +115,19 @@ def test_kill_9_of_both_ranks_then_resume_under_two_ends_like_an_uninterrupted_r
                   procs=2))  # fmt: skip
     finish(launch(*args, "hydra.run.dir=whole", data=data_root, cwd=tmp_path, procs=2))
     assert_close(tmp_path / "killed", tmp_path / "whole", exact=True)  # same world size
+
+
+def test_the_gan_trains_under_two_processes(make_cfg, data_root: Path, tmp_path: Path) -> None:
+    from dlrun.cli import run
+
+    # FID on a LeNet of the fixture (offline: nothing is downloaded in a test).
+    run(make_cfg("model=lenet", "data=mnist", "trainer.max_steps=1"), tmp_path / "lenet")
+    fid = f"metrics.fid.ckpt={tmp_path / 'lenet' / 'checkpoints' / 'last.pt'}"
+    # Generator and discriminator are each wrapped on their own (one DDP per trained role).
+    args = ("model=dcgan", "data=mnist", "trainer.max_steps=3", "metrics.n=50",
+            "metrics.fid.features=ckpt", fid, "hydra.run.dir=gan")  # fmt: skip
+    finish(launch(*args, data=data_root, cwd=tmp_path, procs=2))
+    metrics = stable(tmp_path / "gan")
+    assert metrics["step"] == 3 and {"train/loss_d", "train/loss_g", "val/fid_classifier"} <= set(
+        metrics
+    )
