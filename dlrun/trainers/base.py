@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
-from dlrun import dist, introspect, transfer
+from dlrun import dist, introspect, sync_bn, transfer
 from dlrun.errors import UserError
 from dlrun.trainers.guards import NonFiniteGuard, StopSignals
 from dlrun.trainers.logs import RunLog
@@ -86,6 +86,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         monitor_mode: str = "max",
         early_stopping: Mapping[str, Any] | None = None,
         freeze: str | int | None = None,
+        sync_batchnorm: bool = False,
     ) -> None:
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
@@ -115,6 +116,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         self.optim_factory, self.sched_factory = optim, sched
         self.requested_steps, self.requested_epochs = max_steps, max_epochs
         self.compile, self.freeze_spec = compile, freeze
+        self.sync_batchnorm = sync_batchnorm
         self.grad_clip, self.accumulate = grad_clip, accumulate_grad_batches
         self.on_nonfinite = on_nonfinite
         self.log_every = max(1, log_every_n_steps)
@@ -190,6 +192,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         if start_from:  # ckpt= in training mode: a checkpoint's (or a state dict's) weights
             transfer.load_weights(self.model, transfer.read_weights(start_from), start_from)
         self.frozen_modules = transfer.freeze(self.model, self.freeze_spec)
+        if self.sync_batchnorm and dist.initialized():  # one process: nothing to synchronise
+            self.model = sync_bn.convert(self.model, self.device)
         self.model.to(self.device, memory_format=self.memory_format)
         roles = self.roles()
         trainable = {
