@@ -1,11 +1,13 @@
 """Sweeps that survive a bad trial: a failed job is recorded in its folder, the sweep goes on."""
 
+import csv
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
@@ -16,6 +18,8 @@ from dlrun.errors import UserError
 
 log = logging.getLogger("dlrun")
 FAILED = "failed.json"  # in a failed job's folder: its exit code, error and overrides
+SUMMARY = "summary"  # <sweep>/summary.csv and summary.md: every job's overrides, status, metrics
+SHOWN = ("val/", "test/")  # the metrics a summary lists, besides step and training time
 
 
 def in_multirun() -> bool:
@@ -50,11 +54,68 @@ def _job_number(name: str) -> int:
     return int(name) if name.isdigit() else 1 << 30
 
 
+def _overrides(job: Path) -> list[str]:
+    """A job's command-line overrides, from the .hydra/overrides.yaml dlrun wrote."""
+    try:
+        return [str(o) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())]
+    except (OSError, yaml.YAMLError, TypeError):
+        return []
+
+
+def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder: job, overrides, status (ok | failed (exit N) | incomplete), the
+    monitor's value, step, training seconds and every val/ and test/ metric of metrics.json."""
+    failed = {f["job"]: f for f in failures(sweep_dir)}
+    rows = []
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    for job in sorted(jobs, key=lambda p: _job_number(p.name)):
+        row: dict[str, Any] = {"job": job.name}
+        record = failed.get(job.name)
+        row["overrides"] = " ".join(record["overrides"] if record else _overrides(job))
+        try:
+            metrics = json.loads((job / "metrics.json").read_text())
+        except (OSError, ValueError):
+            metrics = {}
+        if record:
+            row["status"] = f"failed (exit {record.get('exit_code')})"
+        else:
+            row["status"] = "ok" if metrics else "incomplete"
+        row["step"] = metrics.get("step")
+        row["time/train_s"] = metrics.get("time/train_s")
+        row |= {k: v for k, v in sorted(metrics.items()) if k.startswith(SHOWN)}
+        rows.append(row)
+    return rows
+
+
+def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
+    """<sweep>/summary.csv and summary.md from the job folders (rewritten whole each time)."""
+    rows = summary_rows(sweep_dir)
+    columns = ["job", "overrides", "status", "step", "time/train_s"]
+    columns += sorted({k for r in rows for k in r} - set(columns))
+    csv_path, md_path = sweep_dir / f"{SUMMARY}.csv", sweep_dir / f"{SUMMARY}.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    md_path.write_text(f"# Sweep {sweep_dir}\n\n" + "\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
 class SweepSummary(Callback):
-    """At the end of `dlrun -m`: which jobs failed and why, one line each (stderr)."""
+    """At the end of `dlrun -m`: summary.csv and summary.md at the sweep folder's top, and which
+    jobs failed and why, one line each (stderr)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            try:
+                csv_path, _ = write_summary(sweep_dir)
+                log.info("sweep summary: %s (and summary.md)", csv_path)
+            except OSError as err:  # the jobs ran; only the summary is missing
+                log.warning("could not write the sweep summary in %s: %s", sweep_dir, err)
         failed = failures(sweep_dir)
         if not failed:
             return

@@ -1,5 +1,6 @@
 """Sweeps survive a bad trial: `dlrun -m` records a failed job in its folder and goes on."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -31,7 +32,19 @@ def test_a_sweep_records_bad_values_and_finishes_every_job(data_root: Path, tmp_
         assert record["exit_code"] == 2 and "data.batch_size must be" in record["error"]
         assert "data.batch_size=0" in record["overrides"]
     assert all(found[k]["step"] == 20 for k in ("0", "2"))
-    assert "2 of 4 job(s) failed" in done.stderr and "job 1 (model=lenet data.batch_size=0 " in done.stderr
+    assert (
+        "2 of 4 job(s) failed" in done.stderr
+        and "job 1 (model=lenet data.batch_size=0 " in done.stderr
+    )
+    # summary.csv / summary.md at the sweep's top: every job, its overrides, status and metrics
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["status"] for r in rows] == ["ok", "failed (exit 2)", "ok", "failed (exit 2)"]
+    assert rows[0]["overrides"].startswith("model=lenet data.batch_size=64")
+    assert float(rows[2]["val/acc"]) == found["2"]["val/acc"] and rows[1]["val/acc"] == ""
+    md = (sweep / "summary.md").read_text()
+    assert "| job | overrides | status | step |" in md and "failed (exit 2)" in md
 
 
 def test_a_diverging_job_does_not_stop_the_sweep(data_root: Path, tmp_path: Path):
