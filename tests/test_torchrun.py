@@ -147,3 +147,14 @@ def test_the_gan_trains_under_two_processes(make_cfg, data_root: Path, tmp_path:
     assert metrics["step"] == 3 and {"train/loss_d", "train/loss_g", "val/fid_classifier"} <= set(
         metrics
     )
+
+
+def test_resume_with_another_number_of_processes_continues_and_says_not_bit_exact(
+    data_root: Path, tmp_path: Path
+) -> None:
+    finish(launch(*ARGS, "hydra.run.dir=r", data=data_root, cwd=tmp_path, procs=2))
+    more = (*(a for a in ARGS if not a.startswith("trainer.max_steps")), "trainer.max_steps=10")
+    out = finish(launch(*more, "hydra.run.dir=r", "resume=true", data=data_root, cwd=tmp_path,
+                        procs=1))  # fmt: skip
+    assert "resumed with 1 processes from a run of 2" in out and "not bit-exact" in out
+    assert stable(tmp_path / "r")["step"] == 10
