@@ -138,6 +138,8 @@ def _run_mode(
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if not dist.is_main():  # torchrun: one copy of the log on the console (rank 0's)
+        logging.getLogger().setLevel(logging.WARNING)
     buffer = rundir.buffer_logs()
     committed = False
 

@@ -85,7 +85,8 @@ def assert_close(a: Path, b: Path, exact: bool = False) -> None:
 def test_two_processes_train_one_run_folder_like_one_process(
     data_root: Path, tmp_path: Path
 ) -> None:
-    finish(launch(*ARGS, data=data_root, cwd=tmp_path / "", procs=2))
+    out = finish(launch(*ARGS, data=data_root, cwd=tmp_path / "", procs=2))
+    assert out.count("run folder:") == 1  # rank 0 logs; the other rank only warns
     folders = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(folders) == 1, folders  # rank 0 named it, rank 1 agreed
     two = folders[0]
