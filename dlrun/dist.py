@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def init_from_env() -> bool:
@@ -87,3 +87,17 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def wrap_trained(
+    roles: dict[str, nn.Module], trained: list[str], device: torch.device
+) -> dict[str, nn.Module]:
+    """Under torchrun each trained role in DistributedDataParallel, on its own (a GAN's two
+    networks step apart), so its gradients are averaged over ranks; unchanged otherwise."""
+    if not initialized():
+        return dict(roles)
+    ids = [device.index] if device.type == "cuda" else None
+    return {
+        r: nn.parallel.DistributedDataParallel(m, device_ids=ids) if r in trained else m
+        for r, m in roles.items()
+    }

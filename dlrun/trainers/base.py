@@ -217,25 +217,15 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             skip_nonfinite=self.on_nonfinite == "skip",
             grad_clip=self.grad_clip,
             accumulate=self.accumulate,
+            closures=self.takes_closures,
+            task=type(self).__name__,
         )
         self.optimizers, self.scaler = self.opt.optimizers, self.opt.scaler
-        if not self.takes_closures and any(
-            isinstance(o, torch.optim.LBFGS) for o in self.optimizers.values()
-        ):
-            raise UserError(
-                f"optim=lbfgs re-evaluates the loss through a closure, which {type(self).__name__} "
-                "does not give it (only model=style_transfer does); use optim=adam, adamw or sgd."
-            )
         self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
         self.guard = NonFiniteGuard(
             self.on_nonfinite, self.log_every, list(self.optimizers), self.device
         )
-        nets = dict(roles)
-        if dist.initialized():  # torchrun: each trained role averages its gradients over ranks
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            for role, params in trainable.items():
-                if params:
-                    nets[role] = nn.parallel.DistributedDataParallel(roles[role], device_ids=ids)
+        nets = dist.wrap_trained(roles, [r for r, ps in trainable.items() if ps], self.device)
         self.nets = {r: torch.compile(m) if self.compile else m for r, m in nets.items()}
         self.monitor.resolve(self.default_monitor)
         self.is_setup = True

@@ -47,6 +47,8 @@ class Optimization:
         skip_nonfinite: bool,
         grad_clip: float | None,
         accumulate: int,
+        closures: bool = False,
+        task: str = "this task",
     ) -> None:
         if grad_clip is not None and grad_clip <= 0:
             raise UserError(
@@ -64,6 +66,11 @@ class Optimization:
             opt = self.optimizers[role] = build_optimizer(optim, ps)
             total, per_epoch = role_steps[role]
             self.schedulers[role] = sched(opt, total_steps=total, steps_per_epoch=per_epoch)
+        if not closures and any(isinstance(o, torch.optim.LBFGS) for o in self.optimizers.values()):
+            raise UserError(
+                f"optim=lbfgs re-evaluates the loss through a closure, which {task} does not give "
+                "it (only model=style_transfer does); use optim=adam, adamw or sgd."
+            )
         self.taken = dict.fromkeys(self.params, 0)  # optimizer steps each role has taken
         self.grad_clip, self.accumulate = grad_clip, accumulate
         # Skipping a step without a host sync: a GradScaler fixed at scale 1 checks the gradients
