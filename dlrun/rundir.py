@@ -18,6 +18,7 @@ from dlrun.errors import WriteFailed
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job format
 _MADE: dict[str, Path] = {}  # base name -> the folder this process claimed for it
 _NEW_PARENTS: list[Path] = []  # the folders above it that did not exist before (outputs/<date>)
+_COMMITTED: list[Path] = []  # run folders this process committed (a requeued job resumes them)
 
 
 class RunDirError(ValueError):
@@ -94,8 +95,14 @@ def buffer_logs() -> logging.handlers.MemoryHandler:
     return buffer
 
 
+def committed() -> bool:
+    """Whether this process committed a run folder: a requeue then resumes it (resume=true)."""
+    return bool(_COMMITTED)
+
+
 def commit(run_dir: Path, cfg: DictConfig, buffer: logging.handlers.MemoryHandler | None) -> None:
     """The run passed every check: write Hydra's .hydra/ files and start <run>/<job>.log."""
+    _COMMITTED.append(Path(run_dir))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if HydraConfig.initialized():

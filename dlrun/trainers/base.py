@@ -271,6 +271,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         with self.stop:  # from here on a stop signal ends in a checkpoint, not a kill
             self._open_writer(self.resumed)
             try:
+                self._pending_validation()
                 while not self.finished() or self.resumed_progress is not None:
                     if self._train_epoch() == "signal":
                         self._stop_now()
@@ -279,7 +280,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
                     if due and self.last_eval_step != self.step_count:
                         self._validate()
                     self._save_checkpoints()
-                    if self.stop.received and not self.finished():
+                    cut = self.last_eval_step != self.step_count and due
+                    if self.stop.received and (not self.finished() or cut):
                         self._stop_now(mid_epoch=False)
             except torch.OutOfMemoryError:
                 raise self._out_of_memory() from None
@@ -366,25 +368,6 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             metrics["train/skipped_steps"] = float(self.guard.skipped)
         self._log(metrics)
         return None
-
-    def _validate(self) -> float:
-        """Evaluate on the validation loader, log, update the monitor; returns the seconds spent."""
-        began = time.perf_counter()
-        self.phase = "eval"
-        metrics = self.evaluate(self.data.val_loader(), "val")
-        self.phase = "train"
-        self._log(metrics)
-        self.last_eval_step = self.step_count
-        about = self.data.describe()
-        # A data set without a held-out alternative (CycleGAN's test sets are its benchmark)
-        # gets no advice to hold images out.
-        self.monitor.update(
-            metrics,
-            self.step_count,
-            about.get("val_is_test") and about.get("holdout", True),
-            about.get("holdout_hint"),
-        )
-        return time.perf_counter() - began
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

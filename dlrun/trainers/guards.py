@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dlrun import dist
+from dlrun import cluster, dist
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -21,34 +21,46 @@ class Interrupted(UserError):
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class EvaluationCut(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """A stop signal arrived during an evaluation: it ends there, and the run resumes it."""
 
 
 class StopSignals:
-    """SIGTERM / SIGINT set a flag the loop reads after each step; a second signal acts at once.
+    """SIGTERM / SIGINT (and a submitit job's warning signal) set a flag the loop reads after
+    each step; a second signal acts at once.
 
     A cluster's preemption (SIGTERM) or a Ctrl-C then costs at most the step in flight: the loop
-    finishes it, writes a checkpoint and exits. The handlers are only installed in the main thread
-    (Python allows no other), and the previous ones come back on exit.
+    finishes it, writes a checkpoint and exits. An evaluation (`evaluating`) is cut at once
+    instead: it changes no state, and a large network's can run for minutes, longer than a
+    cluster's grace period. The handlers are only installed in the main thread (Python allows no
+    other), and the previous ones come back on exit.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.evaluating = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in cluster.stop_signals():
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         self._restore()  # a second Ctrl-C / SIGTERM: the default action, for a run that hangs
+        name = signal.Signals(signum).name
+        if self.evaluating:  # raised where the evaluation's Python code is, within a kernel
+            log.warning("%s received: cutting the evaluation short, writing a checkpoint", name)
+            raise EvaluationCut(name)
         log.warning(
             "%s received: finishing this step, then writing a checkpoint and stopping "
             "(send it again to stop at once)",
-            signal.Signals(signum).name,
+            name,
         )
 
     def _restore(self) -> None:

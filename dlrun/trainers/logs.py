@@ -1,6 +1,7 @@
 """What a run reports: TensorBoard, the progress bar, the step scalars and the log lines."""
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -8,6 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dlrun import checkpoint, dist
+from dlrun.trainers.guards import EvaluationCut
 from dlrun.trainers.state import EpochProgress
 
 log = logging.getLogger("dlrun.trainers.base")
@@ -67,3 +69,29 @@ class RunLog:
                 f"{k}={v:.4f}" for k, v in self.metrics.items() if "/" in k and "_s" not in k
             )
             log.info("epoch %d step %d: %s", self.epoch, self.step_count, shown)
+
+    def _validate(self) -> float:
+        """Evaluate on the validation loader, log, update the monitor; returns the seconds spent."""
+        began = time.perf_counter()
+        self.phase = "eval"
+        try:
+            try:
+                self.stop.evaluating = True  # a stop signal now ends the evaluation at once
+                metrics = self.evaluate(self.data.val_loader(), "val")
+            finally:
+                self.stop.evaluating = False
+                self.phase = "train"
+        except EvaluationCut:  # the checkpoint comes next; the resumed run evaluates again
+            return time.perf_counter() - began
+        self._log(metrics)
+        self.last_eval_step = self.step_count
+        about = self.data.describe()
+        # A data set without a held-out alternative (CycleGAN's test sets are its benchmark)
+        # gets no advice to hold images out.
+        self.monitor.update(
+            metrics,
+            self.step_count,
+            about.get("val_is_test") and about.get("holdout", True),
+            about.get("holdout_hint"),
+        )
+        return time.perf_counter() - began

@@ -1,0 +1,144 @@
+"""SLURM through submitit (no SLURM here): the launcher config reaches sbatch, the warning signal
+checkpoints and requeues, the requeued job resumes in its folder and ends like an uninterrupted
+run; a stop signal cuts a long evaluation at once, and the resumed run evaluates again."""
+
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dlrun.cli import run
+from dlrun.trainers.classification import ClassificationTrainer
+from dlrun.trainers.guards import Interrupted
+from tests.conftest import need_extra
+from tests.fixtures import write_idx
+from tests.test_faults import QUICK, metrics_of
+
+# 600 images in batches of 4: 150 steps an epoch, long enough for a signal to land mid-run.
+ARGS = ("model=lenet", "data.batch_size=4", "trainer.max_epochs=3", "device=cpu",
+        "trainer.progress=false", "trainer.num_threads=1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need_extra("submitit", "sweep")
+    return write_idx(tmp_path_factory.mktemp("slurm_data"), n_train=600, n_test=100)
+
+
+def dlrun(*args: str, data: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dlrun", *args], cwd=cwd, text=True,
+        env=dict(os.environ, DLRUN_DATA=str(data), HYDRA_FULL_ERROR="0", **(env or {})),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def job_pid() -> int | None:
+    """The process submitit's local executor runs the job in (python -m submitit.core._submit)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"submitit.core._submit" in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_the_slurm_launcher_config_reaches_sbatch(data: Path, tmp_path: Path):
+    """A fake sbatch records the script submitit writes from hydra.launcher.* and refuses it."""
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\ncat "$1" > {tmp_path / "script.sh"}\nexit 1\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    srun = fake.with_name("srun")  # submitit looks for it before it submits
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(fake.stat().st_mode)
+    proc = dlrun(
+        "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=proj", "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4",
+        "hydra.launcher.timeout_min=90", f"hydra.sweep.dir={tmp_path / 'sweep'}", *ARGS,
+        data=data, cwd=tmp_path, env={"PATH": f"{fake.parent}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # the fake sbatch refused: nothing ran
+    script = (tmp_path / "script.sh").read_text()
+    for line in ("--partition=gpu", "--account=proj", "--nodes=2", "--gpus-per-node=4",
+                 "--ntasks-per-node=4", "--time=90", "--signal=USR2@120"):  # fmt: skip
+        assert f"#SBATCH {line}" in script, (line, script)
+
+
+@pytest.mark.slow
+def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_was(
+    data: Path, tmp_path: Path
+):
+    ref = dlrun(*ARGS, "hydra.run.dir=ref", data=data, cwd=tmp_path)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    sweep = tmp_path / "sweep"
+    proc = dlrun("-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep}", *ARGS,
+                 data=data, cwd=tmp_path)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(sweep.glob("0/events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # mid-epoch 1
+    pid = job_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    log = "".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.out")))
+    assert "SIGUSR2 received: finishing this step" in log
+    assert "Requeued job" in log  # submitit's requeue, after dlrun's checkpoint
+    assert f"resumed from {sweep / '0'}/checkpoints/last.pt at step " in log
+    assert (sweep / "0" / "metrics.json").is_file() and not (sweep / "1").exists()
+    pickled = next(sweep.glob(".submitit/*/*_submitted.pkl")).read_bytes()
+    assert b"resume=true" in pickled  # the requeued submission carries it
+    assert pickle.loads(pickled) is not None
+    assert metrics_of(sweep / "0") == metrics_of(tmp_path / "ref")
+
+
+def test_the_slurm_launcher_without_slurm_is_a_clear_error(data: Path, tmp_path: Path):
+    proc = dlrun("-m", "hydra/launcher=slurm", *ARGS, data=data, cwd=tmp_path,
+                 env={"PATH": str(Path(sys.executable).parent)})  # fmt: skip
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "dlrun: error: hydra/launcher=slurm submits jobs with sbatch and srun" in out
+    assert "hydra/launcher=slurm_local" in out and "Traceback" not in out
+
+
+def test_a_stop_signal_cuts_a_long_evaluation_and_the_resumed_run_evaluates_again(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cfg = make_cfg(*QUICK, "trainer.max_epochs=2", "sched=none")
+    reference = run(cfg, tmp_path / "ref")
+    real, cut = ClassificationTrainer.evaluate, []
+
+    def long_evaluation(self: ClassificationTrainer, loader: object, prefix: str) -> dict:
+        if prefix == "val" and self.epoch == 2 and not cut:  # the last epoch's evaluation
+            cut.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # minutes of a large network's evaluation, in short
+        return real(self, loader, prefix)
+
+    monkeypatch.setattr(ClassificationTrainer, "evaluate", long_evaluation)
+    with pytest.raises(Interrupted, match="SIGTERM: stopped after step") as stopped:
+        run(cfg, tmp_path / "run")
+    assert time.perf_counter() - cut[0] < 5  # not the 60 s the evaluation would have taken
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert not (tmp_path / "run" / "metrics.json").exists()  # stopped before its end
+    resumed = run(make_cfg(*QUICK, "trainer.max_epochs=2", "sched=none", "resume=true"),
+                  tmp_path / "run")  # fmt: skip
+    timing = ("time/", "images_per_s")
+    same = lambda m: {k: v for k, v in m.items() if not any(t in k for t in timing)}  # noqa: E731
+    assert same(resumed) == same(reference)
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["val/acc"]
+        == (reference["val/acc"])
+    )
