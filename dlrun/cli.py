@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun import dist, rundir, sweep, validate
+from dlrun import dist, rundir, sweep, threads, validate
 from dlrun.errors import UserError
 from dlrun.tb import hparams_of
 from dlrun.trainers.base import Trainer
@@ -73,6 +73,7 @@ def build_trainer(
             f"data.{missing[0]} must be set for data={data}, e.g. data.{missing[0]}=PATH."
         )
     device = resolve_device(cfg.device)
+    threads.apply(cfg.trainer.get("num_threads"))  # before any tensor work: the run's one count
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -83,7 +84,10 @@ def build_trainer(
         cfg.data.num_classes = data.describe()["num_classes"]
     data.setup(device, cfg.seed, dist.rank())
     # Partial first, then call: instantiate() would copy these live objects into the config.
-    trainer = build(cfg.trainer, "trainer", _partial_=True)(
+    # num_threads is dlrun's (set above), not a trainer argument.
+    factory = build(cfg.trainer, "trainer", _partial_=True)
+    factory.keywords.pop("num_threads", None)
+    trainer = factory(
         model=build(cfg.model, "model"),
         data=data,
         loss=build(cfg.loss, "loss"),

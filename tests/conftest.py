@@ -18,11 +18,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """Tiny models: with 2 threads on a busy 2-core box each op waits for a descheduled peer."""
-    threads = torch.get_num_threads()
+    """Tiny models: with 2 threads on a busy 2-core box each op waits for a descheduled peer.
+
+    DLRUN_NUM_THREADS too: each run sets its own count (trainer.num_threads=null: dlrun.threads).
+    """
+    threads, share = torch.get_num_threads(), os.environ.get("DLRUN_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["DLRUN_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if share is None:
+        os.environ.pop("DLRUN_NUM_THREADS", None)
+    else:
+        os.environ["DLRUN_NUM_THREADS"] = share
 
 
 @pytest.fixture

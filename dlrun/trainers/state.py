@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from dlrun import checkpoint, dist
+from dlrun import checkpoint, dist, threads
 from dlrun.errors import UserError, WriteFailed
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = (
     "trainer.checkpoint_every_n_steps",
     "trainer.on_nonfinite",
     "trainer.sample_every_n_steps",
+    "trainer.num_threads",  # the checkpoint's count is used unless one is given (threads.restore)
     "data.root",
     "data.download",
     "data.num_workers",
@@ -176,6 +177,7 @@ class ResumableRun:
             "task": self.extra_state(),
             "skipped": self.guard.skipped,
             "progress": None if progress is None else vars(progress),
+            "num_threads": torch.get_num_threads(),  # CPU float sums depend on it
         }
 
     def _restore(self, path: Path) -> None:
@@ -195,6 +197,7 @@ class ResumableRun:
                 f"with ckpt={path}."
             )
         self._refuse_changes(state.get("config", {}), path)
+        threads.restore(state.get("num_threads"), self.config.get("trainer", {}).get("num_threads"))
         if state.get("max_steps") != self.max_steps and self._schedule_needs_length():
             raise UserError(
                 f"resume=true with a new length: the run planned {state.get('max_steps')} steps, "
