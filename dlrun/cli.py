@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun import dist, rundir, sweep, threads, validate
+from dlrun import cluster, dist, rundir, sweep, threads, validate
 from dlrun.errors import UserError
 from dlrun.tb import hparams_of
 from dlrun.trainers.base import Trainer
@@ -142,6 +142,9 @@ def _run_mode(
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if cluster.in_job() and not dist.initialized():  # a SLURM job of several tasks: their DDP
+        cluster.export_torch_env()
+        dist.init_from_env()
     if not dist.is_main():  # torchrun: one copy of the log on the console (rank 0's)
         logging.getLogger().setLevel(logging.WARNING)
     buffer = rundir.buffer_logs()
@@ -157,6 +160,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         trainer = build_trainer(cfg, run_dir, dict(hc.runtime.choices))
         metrics = _run_mode(trainer, cfg, run_dir, commit)
     except Interrupted as err:  # a stop signal: the checkpoint is written; a sweep stops too
+        cluster.after_stop(err.signum)  # in a SLURM job: requeue it (it resumes by itself)
         raise Failed(err) from None
     except UserError as err:
         if not committed:

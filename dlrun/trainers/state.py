@@ -133,6 +133,21 @@ class ResumableRun:
     def last_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
+    def _pending_validation(self) -> None:
+        """A resumed run whose evaluation a stop signal cut short (StopSignals) runs it first:
+        then its log, monitor, best.pt and metrics are the uninterrupted run's."""
+        if not self.resumed or self.last_eval_step == self.step_count:
+            return
+        if self.resumed_progress is None:  # at an epoch's end
+            due = self.epoch % self.val_every_epochs == 0 or self.finished()
+        else:
+            due = bool(self.val_every_steps) and self.step_count % self.val_every_steps == 0
+        if due:
+            log.info("evaluating step %d first: a stop signal cut it short", self.step_count)
+            self._validate()
+            if self.resumed_progress is None:
+                self._save_checkpoints()
+
     def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
         """last.pt (at an epoch end, or mid-epoch with `progress`); best.pt when the monitor improved."""
         self._check_finite()  # never replace a good checkpoint with diverged weights
