@@ -13,6 +13,7 @@ from hydra.errors import HydraException
 from dlrun import threads
 from hydra_plugins.dlrun_parallel_launcher.parallel_launcher import Slot, plan
 from tests.test_cli import dlrun
+from tests.test_sweep import assert_four_hparams_entries
 
 LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[dlrun\]\[INFO\] - (.*)$")
 
@@ -65,6 +66,7 @@ def test_a_parallel_sweep_runs_its_jobs_side_by_side(data_root: Path, tmp_path: 
     with (sweep / "summary.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 4
     assert (sweep / "summary.md").is_file()
+    assert_four_hparams_entries(sweep)
     if n == 2:  # the first two jobs start together, one in each slot
         assert (logs[0]["slot"], logs[1]["slot"]) == ("0 of 2", "1 of 2")
         assert overlap(logs[0], logs[1])

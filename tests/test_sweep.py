@@ -4,7 +4,10 @@ import csv
 import json
 from pathlib import Path
 
+from tensorboard.plugins.hparams import plugin_data_pb2
+
 from tests.test_cli import dlrun
+from tests.test_monitor import events
 
 
 def jobs(sweep: Path) -> dict[str, dict]:
@@ -14,6 +17,53 @@ def jobs(sweep: Path) -> dict[str, dict]:
         failed, metrics = job / "failed.json", job / "metrics.json"
         out[job.name] = json.loads((failed if failed.is_file() else metrics).read_text())
     return out
+
+
+def hparams_entries(sweep: Path) -> dict[str, dict]:
+    """What `tensorboard --logdir <sweep>`'s HParams tab lists: per job folder, its hparams and
+    the declared metrics that the job logged a value of."""
+    out = {}
+    for job in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
+        found = {v.tag: v for _, v in events(job) if v.tag.startswith("_hparams_/")}
+        if "_hparams_/session_start_info" not in found:
+            continue
+
+        def data(tag: str, found: dict = found) -> plugin_data_pb2.HParamsPluginData:
+            return plugin_data_pb2.HParamsPluginData.FromString(
+                found[tag].metadata.plugin_data.content
+            )
+
+        params = data("_hparams_/session_start_info").session_start_info.hparams
+        declared = [m.name.tag for m in data("_hparams_/experiment").experiment.metric_infos]
+        logged = {v.tag for _, v in events(job) if v.metadata.plugin_data.plugin_name == "scalars"}
+        out[job.name] = {
+            "params": {
+                k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                for k, v in params.items()
+            },
+            "metrics": [m for m in declared if m in logged],
+        }
+    return out
+
+
+def assert_four_hparams_entries(sweep: Path) -> None:
+    """model=mlp,lenet x optim.lr=0.1,0.01: four entries, each with its values and val/acc."""
+    entries = hparams_entries(sweep)
+    assert len(entries) == 4
+    combos = {(e["params"]["model"], e["params"]["optim.lr"]) for e in entries.values()}
+    assert combos == {("mlp", 0.1), ("mlp", 0.01), ("lenet", 0.1), ("lenet", 0.01)}
+    assert all("val/acc" in e["metrics"] and "val/loss" in e["metrics"] for e in entries.values())
+
+
+def test_a_sweep_gives_every_job_an_hparams_entry_with_its_metrics(data_root: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    done = dlrun(
+        "-m", "model=mlp,lenet", "optim.lr=0.1,0.01", "trainer.max_steps=20",
+        f"hydra.sweep.dir={sweep}", "device=cpu", data=data_root, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_four_hparams_entries(sweep)
+    assert (sweep / "summary.csv").is_file() and (sweep / "summary.md").is_file()
 
 
 def test_a_sweep_records_bad_values_and_finishes_every_job(data_root: Path, tmp_path: Path):

@@ -80,9 +80,10 @@ class RunLog:
                 metrics = self.evaluate(self.data.val_loader(), "val")
             finally:
                 self.stop.evaluating = False
-                self.phase = "train"
         except EvaluationCut:  # the checkpoint comes next; the resumed run evaluates again
+            self.phase = "train"
             return time.perf_counter() - began
+        self.phase = "train"  # not on an error: an out-of-memory message names the phase
         self._log(metrics)
         self.last_eval_step = self.step_count
         about = self.data.describe()
