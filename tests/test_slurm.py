@@ -21,8 +21,9 @@ from tests.conftest import need_extra
 from tests.fixtures import write_idx
 from tests.test_faults import QUICK, metrics_of
 
-# 600 images in batches of 4: 150 steps an epoch, long enough for a signal to land mid-run.
-ARGS = ("model=lenet", "data.batch_size=4", "trainer.max_epochs=3", "device=cpu",
+# 600 images in batches of 2: 300 steps an epoch, 900 in all (a few seconds): a signal sent 0.3 s
+# after training starts lands mid-run.
+ARGS = ("model=lenet", "data.batch_size=2", "trainer.max_epochs=3", "device=cpu",
         "trainer.progress=false", "trainer.num_threads=1")  # fmt: skip
 
 
@@ -87,7 +88,7 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_wa
     deadline = time.time() + 120
     while not list(sweep.glob("0/events.out.tfevents.*")) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)  # mid-epoch 1
+    time.sleep(0.3)  # mid-epoch 1
     pid = job_pid()
     assert pid is not None
     os.kill(pid, signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
@@ -97,6 +98,8 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_wa
     assert "SIGUSR2 received: finishing this step" in log
     assert "Requeued job" in log  # submitit's requeue, after dlrun's checkpoint
     assert f"resumed from {sweep / '0'}/checkpoints/last.pt at step " in log
+    resumed_at = int(log.split("checkpoints/last.pt at step ")[1].split()[0])
+    assert 0 < resumed_at < 900
     assert (sweep / "0" / "metrics.json").is_file() and not (sweep / "1").exists()
     pickled = next(sweep.glob(".submitit/*/*_submitted.pkl")).read_bytes()
     assert b"resume=true" in pickled  # the requeued submission carries it

@@ -41,6 +41,21 @@ def missing_data(name: str, looked: Sequence[Path], fix: str, reason: str = "") 
     )
 
 
+def held_out(n: int, val_split: float) -> tuple[Tensor, Tensor]:
+    """data.val_split's (validation, training) indices of n training items.
+
+    A fixed permutation (not the run seed), so every run of a sweep holds out the same images.
+    """
+    n_val = int(val_split * n) if val_split < 1 else int(val_split)
+    if not 0 < n_val < n:
+        raise UserError(
+            f"data.val_split={val_split} leaves no training or no validation images "
+            f"out of {n}; use a fraction in (0, 1) or a smaller count."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return perm[:n_val], perm[n_val:]
+
+
 class ClassificationData(MetricLoaders, DeviceGenerators):
     """A classification data set held in tensors (a `DataModule`): `setup` moves it to the device.
 
@@ -133,16 +148,9 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
         self.val_name = "test"
         self.val_x, self.val_y = splits.test_x, splits.test_y
         if val_split:
-            n_val = int(val_split * len(train_x)) if val_split < 1 else int(val_split)
-            if not 0 < n_val < len(train_x):
-                raise UserError(
-                    f"data.val_split={val_split} leaves no training or no validation images "
-                    f"out of {len(train_x)}; use a fraction in (0, 1) or a smaller count."
-                )
-            # A fixed permutation (not the run seed) so every run of a sweep holds out the same images.
-            perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
-            self.val_x, self.val_y = train_x[perm[:n_val]], train_y[perm[:n_val]]
-            train_x, train_y = train_x[perm[n_val:]], train_y[perm[n_val:]]
+            held, kept = held_out(len(train_x), val_split)
+            self.val_x, self.val_y = train_x[held], train_y[held]
+            train_x, train_y = train_x[kept], train_y[kept]
             self.val_name = "held-out train"
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = splits.test_x, splits.test_y

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from dlrun import dist
-from dlrun.data.base import ClassificationData, Splits, missing_data
+from dlrun.data.base import ClassificationData, Splits, held_out, missing_data
 from dlrun.data.folder import list_images
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
@@ -171,14 +171,8 @@ class StreamingClassificationData(DeviceGenerators):
             train = train[:train_subset]
         self.val_name, val = "test", test
         if val_split:
-            n_val = int(val_split * len(train)) if val_split < 1 else int(val_split)
-            if not 0 < n_val < len(train):
-                raise UserError(
-                    f"data.val_split={val_split} leaves no training or no validation images out "
-                    f"of {len(train)}; use a fraction in (0, 1) or a smaller count."
-                )
-            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-            val, train = [train[i] for i in perm[:n_val]], [train[i] for i in perm[n_val:]]
+            held, kept = held_out(len(train), val_split)
+            val, train = [train[i] for i in held.tolist()], [train[i] for i in kept.tolist()]
             self.val_name = "held-out train"
         if eval_subset is not None:
             val, test = val[:eval_subset], test[:eval_subset]

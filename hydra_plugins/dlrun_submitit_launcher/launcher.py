@@ -39,11 +39,20 @@ def _pinned(self: Any, job_overrides: Sequence[Sequence[str]]) -> list[list[str]
     return [[*o, f"hydra.sweep.dir='{sweep_dir}'"] for o in job_overrides]
 
 
-class DlrunSlurmLauncher(SlurmLauncher):
-    """One SLURM job per sweep point (sbatch through submitit), requeued and resumed."""
+class _Resuming:
+    """The two overrides both launchers share (Hydra's classes come after it in the MRO)."""
 
     def checkpoint(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         return _resumable(self, sweep_overrides, *args, **kwargs)
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        return super().launch(_pinned(self, job_overrides), initial_job_idx)  # type: ignore[misc]
+
+
+class DlrunSlurmLauncher(_Resuming, SlurmLauncher):
+    """One SLURM job per sweep point (sbatch through submitit), requeued and resumed."""
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -56,16 +65,8 @@ class DlrunSlurmLauncher(SlurmLauncher):
                 "it here first with hydra/launcher=slurm_local (the same jobs, signals and "
                 "requeues, run by submitit on this machine)."
             )
-        return super().launch(_pinned(self, job_overrides), initial_job_idx)
+        return super().launch(job_overrides, initial_job_idx)
 
 
-class DlrunLocalLauncher(LocalLauncher):
+class DlrunLocalLauncher(_Resuming, LocalLauncher):
     """The same on this machine (submitit's local executor): tries the requeue path without SLURM."""
-
-    def checkpoint(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
-        return _resumable(self, sweep_overrides, *args, **kwargs)
-
-    def launch(
-        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
-    ) -> Sequence[JobReturn]:
-        return super().launch(_pinned(self, job_overrides), initial_job_idx)
