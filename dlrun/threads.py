@@ -46,7 +46,7 @@ def auto() -> tuple[int, str]:
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     local_n = int(local) if local.isdigit() else 1
     if local_n > 1:  # torchrun: the processes of this node share its cores
-        return max(1, n_cores // local_n), f"auto: {n_cores} cores / {local_n} processes (torchrun)"
+        return max(1, n_cores // local_n), f"auto: {n_cores} cores / {local_n} processes (LOCAL_WORLD_SIZE)"
     return n_cores, f"auto: the {n_cores} cores this process may use"
 
 

@@ -20,6 +20,7 @@ from dlrun.trainers.guards import Interrupted
 from tests.conftest import need_extra
 from tests.fixtures import write_idx
 from tests.test_faults import QUICK, metrics_of
+from tests.test_torchrun import assert_close
 
 # 600 images in batches of 2: 300 steps an epoch, 900 in all (a few seconds): a signal sent 0.3 s
 # after training starts lands mid-run.
@@ -145,3 +146,25 @@ def test_a_stop_signal_cuts_a_long_evaluation_and_the_resumed_run_evaluates_agai
         json.loads((tmp_path / "run" / "metrics.json").read_text())["val/acc"]
         == (reference["val/acc"])
     )
+
+
+@pytest.mark.slow
+def test_a_job_of_two_tasks_trains_ddp_like_one_process(data: Path, tmp_path: Path):
+    """hydra.launcher.tasks_per_node=2: the job's tasks join one process group (rank, world size
+    and address from the job's environment, as on SLURM) and train like torchrun's 2 processes."""
+    args = ("model=lenet", "data.batch_size=32", "trainer.max_steps=6", "sched=none",
+            "optim=sgd", "device=cpu", "trainer.progress=false")  # fmt: skip
+    one = dlrun(*args, "trainer.num_threads=1", "hydra.run.dir=one", data=data, cwd=tmp_path)
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    sweep = tmp_path / "sweep"
+    two = dlrun("-m", "hydra/launcher=slurm_local", "hydra.launcher.tasks_per_node=2",
+                f"hydra.sweep.dir={sweep}", *args, data=data, cwd=tmp_path)  # fmt: skip
+    out, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, out
+    log = "".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.out")))
+    assert "threads: 1 (auto: " in log  # the 2 cores shared by the job's 2 tasks
+    logs = [p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.out"))]
+    assert (
+        len(logs) == 2 and sum("run folder:" in t for t in logs) == 1
+    )  # rank 0 logs, rank 1 warns
+    assert_close(tmp_path / "one", sweep / "0")

@@ -34,7 +34,7 @@ def test_auto_is_the_cores_shared_out_among_processes(monkeypatch: pytest.Monkey
     monkeypatch.setattr(threads, "cores", lambda: 8)
     assert threads.auto() == (8, "auto: the 8 cores this process may use")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: 3 processes on this node
-    assert threads.auto() == (2, "auto: 8 cores / 3 processes (torchrun)")
+    assert threads.auto() == (2, "auto: 8 cores / 3 processes (LOCAL_WORLD_SIZE)")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert threads.auto()[0] == 1  # never 0
     monkeypatch.setenv(threads.SHARE, "4")  # the parallel launcher's share wins
