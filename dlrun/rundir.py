@@ -16,6 +16,7 @@ from dlrun import dist
 from dlrun.errors import WriteFailed
 
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job format
+log = logging.getLogger("dlrun")  # the run's own lines, under the command's name
 _MADE: dict[str, Path] = {}  # base name -> the folder this process claimed for it
 _NEW_PARENTS: list[Path] = []  # the folders above it that did not exist before (outputs/<date>)
 _COMMITTED: list[Path] = []  # run folders this process committed (a requeued job resumes them)
@@ -101,7 +102,11 @@ def committed() -> bool:
 
 
 def commit(run_dir: Path, cfg: DictConfig, buffer: logging.handlers.MemoryHandler | None) -> None:
-    """The run passed every check: write Hydra's .hydra/ files and start <run>/<job>.log."""
+    """The run passed every check: write Hydra's .hydra/ files and start <run>/<job>.log.
+
+    Only now are the folder and the command to watch it shown: a refused run never names a folder
+    that it did not keep. Under torchrun only rank 0 commits, so they are shown once.
+    """
     _COMMITTED.append(Path(run_dir))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +123,8 @@ def commit(run_dir: Path, cfg: DictConfig, buffer: logging.handlers.MemoryHandle
                 buffer.setTarget(handler)
                 buffer.flush()
                 logging.getLogger().addHandler(handler)
+        log.info("run folder: %s", run_dir.resolve())
+        log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
     except OSError as err:
         raise WriteFailed(
             f"Cannot write the run folder {run_dir} ({err.strerror or err}). Make it writable, "

@@ -392,7 +392,7 @@ def test_a_failed_download_names_the_url_and_why(
     assert unpaired.URL.format(name="horse2zebra") in msg
     why = msg.split("The download failed: ", 1)[1].split(". To fix it", 1)[0]
     assert why.strip() and reason in why, msg
-    assert not any(data.iterdir())  # no partial file left behind
+    assert not data.exists()  # no partial file, and no folder it made, left behind
 
 
 # ----- 6. the configs -------------------------------------------------------------------------

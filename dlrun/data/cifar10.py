@@ -4,7 +4,6 @@ import codecs
 import pickle
 from pathlib import Path
 from typing import Any
-from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -14,6 +13,13 @@ from torchvision.datasets.utils import download_url
 from dlrun.data import folder
 from dlrun.data.archive import safe_extract
 from dlrun.data.base import Splits, missing_data
+from dlrun.data.download import (
+    STAGING,
+    copy_advice,
+    download_tip,
+    failure_reason,
+    new_folders_removed_on_failure,
+)
 from dlrun.errors import UserError
 
 try:  # numpy 2
@@ -176,17 +182,19 @@ def load(
             bad_images=bad_images,
         )
     looked = [root / BATCHES, root / "cifar10" / "train"]
+    fetch = f"python -c \"import torchvision; torchvision.datasets.CIFAR10('{STAGING}', download=True)\""
     fix = (
-        'download it on a machine with a network (python -c "import torchvision; '
-        "torchvision.datasets.CIFAR10('data', download=True)\") and copy data/cifar-10-batches-py/ "
-        f"to {root / BATCHES}/, or copy an image-folder copy to {root / 'cifar10'}/{{train,test}}/<class>/"
+        f"{copy_advice(fetch, BATCHES, root / BATCHES)}, or copy an image-folder copy to "
+        f"{root / 'cifar10'}/{{train,test}}/<class>/{download_tip(download)}"
     )
     if not download:
         raise missing_data("CIFAR-10", looked, fix)
     try:
-        _download(root)
-    except (RuntimeError, URLError, OSError) as err:
-        raise missing_data("CIFAR-10", looked, fix, str(err).strip().splitlines()[0]) from err
+        with new_folders_removed_on_failure(root):
+            _download(root)
+    except (RuntimeError, OSError) as err:  # URLError is an OSError
+        reason = failure_reason([(datasets.CIFAR10.url, err)])
+        raise missing_data("CIFAR-10", looked, fix, reason) from err
     if not (root / BATCHES / "test_batch").is_file():
         raise missing_data(
             "CIFAR-10", looked, fix, f"{datasets.CIFAR10.filename} holds no {BATCHES}/test_batch"

@@ -3,11 +3,18 @@
 import math
 import struct
 from pathlib import Path
-from urllib.error import URLError
 
 from torchvision import datasets
+from torchvision.datasets.utils import download_and_extract_archive
 
 from dlrun.data.base import Splits, missing_data
+from dlrun.data.download import (
+    STAGING,
+    copy_advice,
+    download_tip,
+    failure_reason,
+    new_folders_removed_on_failure,
+)
 from dlrun.errors import UserError
 
 _CLASSES = {"MNIST": datasets.MNIST, "FashionMNIST": datasets.FashionMNIST}
@@ -20,12 +27,11 @@ IDX_FILES = {
 }
 
 
-def _fix(name: str, root: Path) -> str:
-    return (
-        f'download it on a machine with a network (python -c "import torchvision; '
-        f"torchvision.datasets.{name}('data', download=True)\") and copy data/{name}/raw/ "
-        f"to {root / name / 'raw'}/, or set data.download=true on a machine with a network"
+def _fix(name: str, root: Path, download: bool) -> str:
+    fetch = (
+        f"python -c \"import torchvision; torchvision.datasets.{name}('{STAGING}', download=True)\""
     )
+    return copy_advice(fetch, f"{name}/raw", root / name / "raw") + download_tip(download)
 
 
 def _bad_file(path: Path, problem: str) -> UserError:
@@ -95,23 +101,47 @@ def check_raw_files(raw: Path, name: str) -> list[str]:
     return missing
 
 
+def _download(name: str, root: Path, missing: list[str]) -> None:
+    """The missing files from torchvision's mirrors, one after the other, as its own download
+    does, but keeping each failure (torchvision's one RuntimeError flattens them into text)."""
+    cls, raw = _CLASSES[name], root / name / "raw"
+    with new_folders_removed_on_failure(raw):
+        for filename, md5 in cls.resources:
+            if filename.removesuffix(".gz") not in missing:
+                continue
+            tried: list[tuple[str, BaseException]] = []
+            for mirror in cls.mirrors:
+                try:
+                    download_and_extract_archive(
+                        f"{mirror}{filename}", str(raw), filename=filename, md5=md5
+                    )
+                    break
+                except (RuntimeError, OSError) as err:  # URLError is an OSError
+                    tried.append((f"{mirror}{filename}", err))
+            else:
+                raise missing_data(
+                    name, [raw], _fix(name, root, True), failure_reason(tried)
+                ) from tried[-1][1]
+
+
 def load(root: Path, download: bool, *, name: str = "MNIST") -> Splits:
-    """Read the IDX files (downloading them first when allowed) into uint8 (N, 1, 28, 28)."""
+    """Read the IDX files (downloading the missing ones first when allowed) into uint8 (N, 1, 28, 28)."""
     cls = _CLASSES[name]
     raw = root / name / "raw"
     legacy = root / name / "processed"  # torchvision's old cache, which it reads instead of raw/
     if not ((legacy / "training.pt").is_file() and (legacy / "test.pt").is_file()):
         missing = check_raw_files(raw, name)
-        if missing and not download and len(missing) < len(IDX_FILES):
-            raise missing_data(name, [raw / file for file in missing], _fix(name, root))
+        if missing and not download:
+            looked = [raw / file for file in missing] if len(missing) < len(IDX_FILES) else [raw]
+            raise missing_data(name, looked, _fix(name, root, download))
+        if missing:
+            _download(name, root, missing)
+            check_raw_files(raw, name)  # what was just downloaded gets the same checks
     try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except (RuntimeError, URLError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if download else ""
-        raise missing_data(name, [raw], _fix(name, root), reason) from err
-    if download:  # what was just downloaded gets the same checks
-        check_raw_files(raw, name)
+        train = cls(str(root), train=True, download=False)
+        test = cls(str(root), train=False, download=False)
+    except (RuntimeError, OSError) as err:
+        raise missing_data(name, [raw], _fix(name, root, download)) from err
     return Splits(
         train.data[:, None], train.targets, test.data[:, None], test.targets, list(train.classes)
     )

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from torch import Tensor
 from dlrun import dist
 from dlrun.data.archive import safe_extract
 from dlrun.data.base import Splits, missing_data
+from dlrun.data.download import download_tip, failure_reason, new_folders_removed_on_failure
 from dlrun.data.folder import read_flat
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import SequentialSampler, ShardedSampler, UnpairedSampler
@@ -34,27 +36,33 @@ URL = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip"
 KEYS = {"a": "image_a", "b": "image_b"}
 
 
+def _fix(url: str, root: Path, download: bool) -> str:
+    zipped = Path(urlsplit(url).path).name
+    return (
+        f"on a machine with a network, run curl -LO {url} in your home folder, then copy the zip "
+        f"to this machine and unzip it into {root}/: scp <that-machine>:{zipped} /tmp/ && unzip "
+        f"/tmp/{zipped} -d {root}/{download_tip(download)}"
+    )
+
+
 def download(root: Path, name: str, url: str | None = None) -> Path:
     """Fetch `<name>.zip` from the authors' server into root and extract it safely; the folder."""
     url = url or URL.format(name=name)
     archive = root / f"{name}.zip"
-    root.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s to %s", url, archive)
     tmp = archive.with_suffix(".zip.part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        tmp.replace(archive)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = str(getattr(err, "reason", "") or err).strip() or type(err).__name__
-        raise missing_data(
-            name,
-            [root / name],
-            f"download {url} on a machine with a network and unzip it into {root}/",
-            reason=reason,
-        ) from err
+    with new_folders_removed_on_failure(root):
+        root.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s to %s", url, archive)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+            tmp.replace(archive)
+        except OSError as err:  # URLError is an OSError
+            tmp.unlink(missing_ok=True)
+            raise missing_data(
+                name, [root / name], _fix(url, root, True), failure_reason([(url, err)])
+            ) from err
     safe_extract(archive, root)  # refuses members that would land outside root
     archive.unlink()
     return root / name
@@ -75,7 +83,7 @@ def find(root: Path, name: str, download_ok: bool, title: str | None = None) -> 
         title or name or str(root),
         [root / name / f for f in FOLDERS],
         f"put the images in {root / name}/{{{', '.join(FOLDERS)}}}/ (trainA/testA: domain A, "
-        "trainB/testB: domain B), or set data.download=true on a machine with a network",
+        f"trainB/testB: domain B){download_tip(False)} (it fetches the authors' zip)",
     )
 
 
