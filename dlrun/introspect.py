@@ -41,8 +41,18 @@ def first_conv_filters(model: nn.Module, max_filters: int = 64) -> Tensor | None
     return make_grid(w.cpu(), nrow=8, padding=1)
 
 
+KINDS = {"conv": "conv", "pool": "pool", "norm": "bn", "linear": "fc"}  # class name part -> label
+
+
+def _label(module: nn.Module) -> str:
+    """A stage's kind as a short name: conv, pool, bn, fc, or its class in lower case (relu, ...)."""
+    name = type(module).__name__.lower()
+    return next((label for part, label in KINDS.items() if part in name), name)
+
+
 def stage_outputs(model: nn.Module, image: Tensor, max_stages: int = 4) -> list[tuple[str, Tensor]]:
-    """Feature maps (C, H, W) of one image after a few evenly spaced stages of `model.features`."""
+    """Feature maps (C, H, W) of one image after a few evenly spaced stages of `model.features`,
+    each named by its layer and shape: conv1_6x28x28 (the first conv), pool2_16x5x5, ..."""
     net = unwrap(model)
     stages = list(getattr(net, "features", net).named_children())
     if not stages:
@@ -50,10 +60,15 @@ def stage_outputs(model: nn.Module, image: Tensor, max_stages: int = 4) -> list[
     picks = sorted(
         {round(i * (len(stages) - 1) / max(1, max_stages - 1)) for i in range(max_stages)}
     )
+    labels, seen = [], {}  # the k-th conv is conv<k>, counted over every stage
+    for _, module in stages:
+        label = _label(module)
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(f"{label}{seen[label]}")
     maps: dict[str, Tensor] = {}
     hooks = [
         stages[i][1].register_forward_hook(
-            lambda _m, _in, out, name=f"{i}_{stages[i][0]}": maps.setdefault(name, out)
+            lambda _m, _in, out, name=labels[i]: maps.setdefault(name, out)
         )
         for i in picks
     ]
@@ -66,7 +81,11 @@ def stage_outputs(model: nn.Module, image: Tensor, max_stages: int = 4) -> list[
         net.train(was_training)
         for h in hooks:
             h.remove()
-    return [(k, v[0]) for k, v in maps.items() if isinstance(v, Tensor) and v.dim() == 4]
+    return [
+        (f"{k}_{'x'.join(str(d) for d in v.shape[1:])}", v[0])
+        for k, v in maps.items()
+        if isinstance(v, Tensor) and v.dim() == 4
+    ]
 
 
 def feature_grid(fmap: Tensor, max_maps: int = 16) -> Tensor:

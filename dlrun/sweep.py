@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dlrun.errors import UserError
 
@@ -39,19 +39,61 @@ def record_failure(run_dir: Path, err: UserError) -> None:
     log.error("job %s failed (exit code %d): %s", " ".join(overrides), err.exit_code, err)
 
 
+def _job_name(folder: Path) -> str:
+    """A job as summaries name it: its number."""
+    return str(job_number(folder.name))
+
+
 def failures(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every failed.json under a sweep folder, in job order."""
     found = []
     for path in sorted(sweep_dir.glob(f"*/{FAILED}"), key=lambda p: _job_number(p.parent.name)):
         try:
-            found.append(json.loads(path.read_text()) | {"job": path.parent.name})
+            found.append(json.loads(path.read_text()) | {"job": _job_name(path.parent)})
         except (OSError, ValueError):
-            found.append({"job": path.parent.name, "exit_code": -1, "error": "unreadable record"})
+            found.append({"job": _job_name(path.parent), "exit_code": -1, "error": "unreadable record"})
     return found
 
 
+SUBDIR_CHARS = 120  # a job folder's name: its number, then its overrides cut to this many
+
+
+def subdir(num: int | str, overrides: str = "") -> str:
+    """A sweep job's folder name: `<num>_<overrides>` (Hydra's override_dirname, a `/` in a value
+    made `_`, cut to SUBDIR_CHARS), so TensorBoard's HParams tab names each trial by what it
+    varies; the number alone when there are none. The number comes first: it orders the jobs."""
+    name = str(overrides).replace("/", "_").replace("\\", "_")
+    if len(name) > SUBDIR_CHARS:
+        name = name[: SUBDIR_CHARS - 3] + "..."
+    return f"{num}_{name}" if name else str(num)
+
+
+OmegaConf.register_new_resolver("sweep_subdir", subdir, replace=True)
+
+
+def job_number(name: str) -> int | None:
+    """The job number a sweep job's folder name starts with; None for any other folder."""
+    head = name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """A sweep's job folders, in job order."""
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and job_number(p.name) is not None]
+    return sorted(jobs, key=lambda p: job_number(p.name) or 0)
+
+
+def job_folder(sweep_dir: Path, num: int) -> Path:
+    """Job `num`'s folder (whatever its overrides made its name)."""
+    found = [p for p in job_folders(sweep_dir) if job_number(p.name) == num]
+    if not found:
+        raise FileNotFoundError(f"no folder of job {num} in {sweep_dir}")
+    return found[0]
+
+
 def _job_number(name: str) -> int:
-    return int(name) if name.isdigit() else 1 << 30
+    number = job_number(name)
+    return number if number is not None else 1 << 30
 
 
 def _overrides(job: Path) -> list[str]:
@@ -67,10 +109,9 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     monitor's value, step, training seconds and every val/ and test/ metric of metrics.json."""
     failed = {f["job"]: f for f in failures(sweep_dir)}
     rows = []
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    for job in sorted(jobs, key=lambda p: _job_number(p.name)):
-        row: dict[str, Any] = {"job": job.name}
-        record = failed.get(job.name)
+    for job in job_folders(sweep_dir):
+        row: dict[str, Any] = {"job": _job_name(job)}
+        record = failed.get(row["job"])
         row["overrides"] = " ".join(record["overrides"] if record else _overrides(job))
         try:
             metrics = json.loads((job / "metrics.json").read_text())
@@ -119,7 +160,7 @@ class SweepSummary(Callback):
         failed = failures(sweep_dir)
         if not failed:
             return
-        jobs = len([p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()])
+        jobs = len(job_folders(sweep_dir))
         lines = [f"dlrun: sweep {sweep_dir}: {len(failed)} of {jobs} job(s) failed:"]
         for f in failed:
             first = str(f.get("error", "")).split(". ")[0]

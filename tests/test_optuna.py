@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dlrun.cli import CONFIG_DIR
+from dlrun.sweep import job_folder
 from tests.conftest import need_extra
 from tests.test_cli import dlrun
 
@@ -29,9 +30,10 @@ def optuna() -> ModuleType:
 
 
 def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    """Until `path` exists; the process ending first, or the time running out, fails the test."""
+    """Until `path` (a glob pattern) exists; the process ending first, or the time running out,
+    fails the test."""
     end = time.monotonic() + timeout
-    while not path.exists():
+    while not list(path.parent.glob(path.name)):
         if proc.poll() is not None:
             tail = log.read_text()[-2000:]
             pytest.fail(f"dlrun ended (exit {proc.returncode}) before {path} appeared:\n{tail}")
@@ -52,14 +54,14 @@ def test_a_killed_search_ends_with_n_trials_finished(
             [sys.executable, "-m", "dlrun", *args], cwd=tmp_path, env=env, stdout=out, stderr=out
         )
     try:
-        wait_for(sweep / "2", first, log)  # the third trial's job folder: it has started
+        wait_for(sweep / "2_*", first, log)  # the third trial's job folder: it has started
     finally:
         first.send_signal(signal.SIGKILL)  # no handler runs: as the OOM killer or a lost node
         first.wait()
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     states = [t.state.name for t in optuna.load_study("lenet_mnist", storage).trials]
     assert states == ["COMPLETE", "COMPLETE", "RUNNING"], log.read_text()[-2000:]  # killed in #3
-    before = {job: (sweep / job / "metrics.json").read_bytes() for job in ("0", "1")}
+    before = {job: (job_folder(sweep, job) / "metrics.json").read_bytes() for job in (0, 1)}
 
     done = dlrun(*args, data=data_root, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -73,8 +75,8 @@ def test_a_killed_search_ends_with_n_trials_finished(
         "COMPLETE",
     ]
     # The first run's job folders are kept; each new job folder is named by its trial's number.
-    assert {job: (sweep / job / "metrics.json").read_bytes() for job in ("0", "1")} == before
-    assert not (sweep / "2" / "metrics.json").exists()
+    assert {job: (job_folder(sweep, job) / "metrics.json").read_bytes() for job in (0, 1)} == before
+    assert not (job_folder(sweep, 2) / "metrics.json").exists()
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]

@@ -12,6 +12,7 @@ import pytest
 from hydra.errors import HydraException
 
 from dlrun import threads
+from dlrun.sweep import job_folder
 from hydra_plugins.dlrun_parallel_launcher.parallel_launcher import Slot, plan
 from tests.test_cli import dlrun
 from tests.test_sweep import assert_four_hparams_entries
@@ -56,9 +57,9 @@ def test_a_parallel_sweep_runs_its_jobs_side_by_side(data_root: Path, tmp_path: 
     assert f"Launching 4 jobs, {n} at a time (no GPU" in done.stdout
     logs = {}
     for k in range(4):
-        metrics = json.loads((sweep / str(k) / "metrics.json").read_text())
+        metrics = json.loads((job_folder(sweep, k) / "metrics.json").read_text())
         assert metrics["step"] == 20
-        logs[k] = job_log(sweep / str(k))
+        logs[k] = job_log(job_folder(sweep, k))
         assert (
             logs[k]["threads"]
             == f"threads: {cores // n} (auto: {cores} cores shared by {n} parallel jobs)"
@@ -84,11 +85,11 @@ def test_one_job_per_gpu_and_failures_recorded(data_root: Path, tmp_path: Path) 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Launching 3 jobs, 2 at a time (one GPU each" in done.stdout
-    first, second = job_log(sweep / "0"), job_log(sweep / "1")
+    first, second = job_log(job_folder(sweep, 0)), job_log(job_folder(sweep, 1))
     assert (first["slot"], first["gpu"]) == ("0 of 2", "0")
     assert (second["slot"], second["gpu"]) == ("1 of 2", "1")
     assert overlap(first, second)  # side by side, never on the same GPU
-    failed = json.loads((sweep / "2" / "failed.json").read_text())
+    failed = json.loads((job_folder(sweep, 2) / "failed.json").read_text())
     assert failed["exit_code"] == 2 and "data.batch_size must be" in failed["error"]
     assert (
         "1 of 3 job(s) failed" in done.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dlrun.cli import run
+from dlrun.sweep import job_folder, job_folders
 from dlrun.trainers.classification import ClassificationTrainer
 from dlrun.trainers.guards import Interrupted
 from tests.conftest import need_extra
@@ -87,7 +88,7 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_wa
     proc = dlrun("-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep}", *ARGS,
                  data=data, cwd=tmp_path)  # fmt: skip
     deadline = time.time() + 120
-    while not list(sweep.glob("0/events.out.tfevents.*")) and time.time() < deadline:
+    while not list(sweep.glob("0_*/events.out.tfevents.*")) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # mid-epoch 1
     pid = job_pid()
@@ -98,14 +99,15 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_wa
     log = "".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.out")))
     assert "SIGUSR2 received: finishing this step" in log
     assert "Requeued job" in log  # submitit's requeue, after dlrun's checkpoint
-    assert f"resumed from {sweep / '0'}/checkpoints/last.pt at step " in log
+    job = job_folder(sweep, 0)  # the same folder: resume=true is not part of its name
+    assert f"resumed from {job}/checkpoints/last.pt at step " in log
     resumed_at = int(log.split("checkpoints/last.pt at step ")[1].split()[0])
     assert 0 < resumed_at < 900
-    assert (sweep / "0" / "metrics.json").is_file() and not (sweep / "1").exists()
+    assert (job / "metrics.json").is_file() and len(job_folders(sweep)) == 1
     pickled = next(sweep.glob(".submitit/*/*_submitted.pkl")).read_bytes()
     assert b"resume=true" in pickled  # the requeued submission carries it
     assert pickle.loads(pickled) is not None
-    assert metrics_of(sweep / "0") == metrics_of(tmp_path / "ref")
+    assert metrics_of(job) == metrics_of(tmp_path / "ref")
 
 
 def test_the_slurm_launcher_without_slurm_is_a_clear_error(data: Path, tmp_path: Path):
@@ -167,4 +169,4 @@ def test_a_job_of_two_tasks_trains_ddp_like_one_process(data: Path, tmp_path: Pa
     assert (
         len(logs) == 2 and sum("run folder:" in t for t in logs) == 1
     )  # rank 0 logs, rank 1 warns
-    assert_close(tmp_path / "one", sweep / "0")
+    assert_close(tmp_path / "one", job_folder(sweep, 0))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from dlrun.sweep import job_folders, job_number
 from tests.test_cli import dlrun
 from tests.test_monitor import events
 
@@ -13,9 +14,11 @@ from tests.test_monitor import events
 def jobs(sweep: Path) -> dict[str, dict]:
     """Job number -> its failed.json record, or its metrics.json, for every job folder."""
     out = {}
-    for job in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
+    for job in job_folders(sweep):
         failed, metrics = job / "failed.json", job / "metrics.json"
-        out[job.name] = json.loads((failed if failed.is_file() else metrics).read_text())
+        out[str(job_number(job.name))] = json.loads(
+            (failed if failed.is_file() else metrics).read_text()
+        )
     return out
 
 
@@ -23,7 +26,7 @@ def hparams_entries(sweep: Path) -> dict[str, dict]:
     """What `tensorboard --logdir <sweep>`'s HParams tab lists: per job folder, its hparams and
     the declared metrics that the job logged a value of."""
     out = {}
-    for job in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
+    for job in job_folders(sweep):
         found = {v.tag: v for _, v in events(job) if v.tag.startswith("_hparams_/")}
         if "_hparams_/session_start_info" not in found:
             continue
@@ -36,7 +39,7 @@ def hparams_entries(sweep: Path) -> dict[str, dict]:
         params = data("_hparams_/session_start_info").session_start_info.hparams
         declared = [m.name.tag for m in data("_hparams_/experiment").experiment.metric_infos]
         logged = {v.tag for _, v in events(job) if v.metadata.plugin_data.plugin_name == "scalars"}
-        out[job.name] = {
+        out[str(job_number(job.name))] = {
             "params": {
                 k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
                 for k, v in params.items()

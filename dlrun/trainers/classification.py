@@ -99,5 +99,5 @@ class ClassificationTrainer(Trainer):
         image = self.data.example_batch(1, "val")["image"][0]
         for name, fmap in introspect.stage_outputs(self.model, image):
             writer.add_image(
-                f"inside/features_{name}", introspect.feature_grid(fmap), self.step_count
+                f"inside/{name}", introspect.feature_grid(fmap), self.step_count
             )

@@ -15,6 +15,9 @@ from dlrun.trainers.state import EpochProgress
 log = logging.getLogger("dlrun.trainers.base")
 
 
+TB_TAGS = {"epoch": "time/epoch"}  # metrics.json key -> TensorBoard tag, where they differ
+
+
 class RunLog:
     """The reporting side of `Trainer`: only rank 0 writes TensorBoard."""
 
@@ -61,8 +64,8 @@ class RunLog:
 
     def _log(self, metrics: Mapping[str, float]) -> None:
         if self.writer is not None:
-            for tag, value in metrics.items():
-                self.writer.add_scalar(tag, value, self.step_count)
+            for tag, value in metrics.items():  # "epoch" as time/epoch: a chart among the times
+                self.writer.add_scalar(TB_TAGS.get(tag, tag), value, self.step_count)
         self.metrics.update(metrics)
         if any(k.startswith("val/") for k in metrics):
             shown = ", ".join(

@@ -21,7 +21,7 @@ from dlrun.data.folder import IMAGE_SUFFIXES
 from dlrun.data.folder import decode as decode_image
 from dlrun.data.transforms import Normalize
 from dlrun.errors import UserError
-from dlrun.tb import log_config, log_hparams
+from dlrun.tb import log_config, log_hparams, log_layout
 
 log = logging.getLogger(__name__)
 
@@ -124,5 +124,10 @@ class RunModes:
         declared = [self.monitor.name] if self.monitor.name else []
         declared += [m for m in logged if m not in declared]
         log_hparams(writer, self.hparams, declared)
-        writer.add_scalar("model/params", self.params, 0)
-        writer.add_scalar("model/flops", self.flops, 0)
+        log_layout(writer, self.monitor.name)
+        # Text, not scalars: two constant one-point charts would open TensorBoard's view.
+        writer.add_text(
+            "model",
+            f"{self.params:,} trainable parameters, {self.flops:,} forward FLOPs per item",
+            0,
+        )
