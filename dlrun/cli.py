@@ -17,17 +17,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dlrun import cluster, dist, rundir, sweep, threads, validate
+from dlrun.compose import CONFIG_DIR
 from dlrun.errors import UserError
+from dlrun.messages import error_line
 from dlrun.tb import hparams_of
 from dlrun.trainers.base import Trainer
 from dlrun.trainers.guards import Interrupted
 
 log = logging.getLogger("dlrun")
-# The configs live beside the package (DESIGN section 2); an editable install keeps that layout.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 OmegaConf.register_new_resolver("unique_dir", rundir.unique_dir, replace=True)
-# Keys that moved: the old name on the command line ends in one line naming the new one.
-RENAMED = {"model.freeze": "freeze", "metrics.every_n_epochs": "trainer.val_every_n_epochs"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,8 +75,6 @@ def build_trainer(
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    log.info("run folder: %s", Path(run_dir).resolve())
-    log.info("TensorBoard: tensorboard --logdir %s", Path(run_dir).resolve())
     data = build(cfg.data, "data")
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.describe()["num_classes"]
@@ -185,29 +181,15 @@ class Failed(BaseException):
         self.error = error
 
 
-def renamed_key(args: list[str]) -> str | None:
-    """The message for an override that uses a key's old name, if one does."""
-    for arg in args:
-        key = arg.lstrip("+~").split("=", 1)[0]
-        if key in RENAMED:
-            return (
-                f"{key} was renamed to {RENAMED[key]}: use {RENAMED[key]}="
-                f"{arg.split('=', 1)[1] if '=' in arg else 'VALUE'} (see the README's migration notes)."
-            )
-    return None
-
-
 def main() -> None:
-    """`dlrun`: every failure ends here as one paragraph and its exit code (the only sys.exit).
+    """The run (dlrun.entry.main answers --help first): every failure ends here as one paragraph
+    and its exit code.
 
     Hydra prints a config it cannot compose (a YAML error, an unknown option) itself, sometimes
-    with a traceback; with HYDRA_FULL_ERROR=1 it raises instead, and we print the message. A user
-    who set HYDRA_FULL_ERROR=1 gets Hydra's full traceback, as Hydra documents.
+    with a traceback; with HYDRA_FULL_ERROR=1 it raises instead, and we print the message (with
+    a 'did you mean'). A user who set HYDRA_FULL_ERROR=1 gets Hydra's full traceback, as Hydra
+    documents.
     """
-    renamed = renamed_key(sys.argv[1:])
-    if renamed:
-        print(f"dlrun: error: {renamed}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     dist.init_from_env()  # torchrun: before Hydra, so that rank 0 names the one run folder
@@ -231,20 +213,5 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         if full:
             raise
-        cause = err.__cause__
-        detail = str(cause).strip().splitlines()[0] if isinstance(cause, Exception) else ""
-        detail = f" ({type(cause).__name__}: {detail})" if detail else ""
-        print(f"dlrun: error: {one_paragraph(str(err))}{detail}", file=sys.stderr)
+        print(error_line(err, sys.argv[1:]), file=sys.stderr)
         sys.exit(UserError.exit_code)
-
-
-def one_paragraph(message: str) -> str:
-    """Hydra's multi-line message as one paragraph: list items comma-separated, no search path."""
-    out: list[str] = []
-    for line in message.split("\nConfig search path:")[0].splitlines():
-        if not line.strip():
-            continue
-        if line.startswith("\t") and out and not out[-1].endswith(":"):
-            out[-1] += ","  # the previous line was an item of the same tab-indented list
-        out.append(line.strip())
-    return " ".join(out)

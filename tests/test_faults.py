@@ -432,7 +432,8 @@ def existing(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         (
             ["model=resnet999"],
             2,
-            "Could not find 'model/resnet999' Available options in 'model': airbench, alexnet,",
+            "Could not find 'model/resnet999'. Did you mean model=resnet18, model=resnet34 or "
+            "model=resnet50? Available options in 'model': airbench, alexnet,",
         ),
         (["optim.lr=-0.1"], 2, "optim.lr must be a number >= 0, got -0.1"),
         (["data.batch_size=0", "trainer.max_epochs=abc"], 2, "2 bad values"),

@@ -23,7 +23,7 @@ LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[dlrun\]\[INFO\] - (.*)$")
 def job_log(job: Path) -> dict:
     """What a job's log says: its slot, CUDA_VISIBLE_DEVICES, threads line, start and end."""
     out: dict = {}
-    for line in (job / "cli.log").read_text().splitlines():
+    for line in (job / "dlrun.log").read_text().splitlines():
         match = LINE.match(line)
         if not match:
             continue
