@@ -54,3 +54,16 @@ def test_a_sweep_names_its_jobs_and_shows_the_keys_it_varies_first(data_root: Pa
     # TensorBoard sorts by (not differs, name) and shows the first few as columns
     shown = [i.name for i in sorted(infos, key=lambda i: (not i.differs, i.name))][:5]
     assert shown[:3] == ["model", "optim.lr", "trainer.max_steps"]
+
+
+def test_a_short_run_says_how_to_get_a_validation_curve(make_cfg, tmp_path: Path, caplog):
+    caplog.set_level("INFO")
+    run(make_cfg("model=mlp", "trainer.max_steps=30", "data.batch_size=20"), tmp_path / "short")
+    assert "add trainer.val_every_n_steps=3 for a validation curve of 10 points" in caplog.text
+    caplog.clear()
+    cfg = make_cfg("model=mlp", "trainer.max_steps=30", "data.batch_size=20",
+                   "trainer.val_every_n_steps=3")  # fmt: skip
+    run(cfg, tmp_path / "curve")
+    assert "val_every_n_steps" not in caplog.text
+    acc = EventAccumulator(str(tmp_path / "curve")).Reload()
+    assert [e.step for e in acc.Scalars("val/acc")] == list(range(3, 31, 3))

@@ -270,6 +270,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             torn.unlink(missing_ok=True)
         with self.stop:  # from here on a stop signal ends in a checkpoint, not a kill
             self._open_writer(self.resumed)
+            self._hint_short_run()
             try:
                 self._pending_validation()
                 while not self.finished() or self.resumed_progress is not None:

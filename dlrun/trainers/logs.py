@@ -99,3 +99,17 @@ class RunLog:
             about.get("holdout_hint"),
         )
         return time.perf_counter() - began
+
+    def _hint_short_run(self) -> None:
+        """A run that evaluates once or twice draws its val/* curves as single dots: say how to
+        get a curve (evaluating mid-epoch is not the default: it adds a checkpoint each time, and
+        a GAN's FID costs minutes)."""
+        if self.resumed or self.val_every_steps or self.max_epochs > 2:
+            return
+        every = max(1, self.max_steps // 10)
+        log.info(
+            "a short run (%d steps) evaluates only at its epochs' ends: add "
+            "trainer.val_every_n_steps=%d for a validation curve of 10 points",
+            self.max_steps,
+            every,
+        )
