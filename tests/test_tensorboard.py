@@ -61,6 +61,11 @@ def test_a_short_run_says_how_to_get_a_validation_curve(make_cfg, tmp_path: Path
     # 10 steps of 20 images: one epoch of the fixture's 200, one evaluation
     run(make_cfg("model=mlp", "trainer.max_steps=10", "data.batch_size=20"), tmp_path / "short")
     assert "add trainer.val_every_n_steps=1 for a validation curve of 10 points" in caplog.text
+    steps = [
+        e.step
+        for e in EventAccumulator(str(tmp_path / "short")).Reload().Scalars("train/loss_step")
+    ]
+    assert steps == list(range(1, 11))  # 10 points, though log_every_n_steps is 50
     caplog.clear()
     cfg = make_cfg("model=mlp", "trainer.max_steps=10", "data.batch_size=20",
                    "trainer.val_every_n_steps=2")  # fmt: skip

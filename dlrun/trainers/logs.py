@@ -108,8 +108,8 @@ class RunLog:
             return
         every = max(1, self.max_steps // 10)
         log.info(
-            "a short run (%d steps) evaluates only at its epochs' ends: add "
-            "trainer.val_every_n_steps=%d for a validation curve of 10 points",
+            "a short run (%d steps) evaluates only at its epochs' ends (train/*_step has 10 "
+            "points): add trainer.val_every_n_steps=%d for a validation curve of 10 points",
             self.max_steps,
             every,
         )
