@@ -188,3 +188,29 @@ def test_the_first_command_offline_names_no_folder_and_writes_none(tmp_path: Pat
     assert "The download failed: no network (cannot resolve" in out
     assert "run folder:" not in out and "TensorBoard:" not in out and "Traceback" not in out
     assert tree(tmp_path) == [], out  # no outputs/, no data/MNIST/raw
+
+
+def test_the_plugin_scan_needs_no_optional_extra() -> None:
+    """Hydra imports every hydra_plugins module whose name has no leading `_` on every run: ours
+    must import none of the `[sweep]` extra's packages (nor torch), or a plain install prints
+    "Error importing ..." warnings at each run."""
+    import pkgutil
+
+    import hydra_plugins
+
+    ours = [
+        name
+        for _, name, _ in pkgutil.walk_packages(hydra_plugins.__path__, "hydra_plugins.")
+        if name.split(".")[1].startswith("dlrun_") and not name.rsplit(".", 1)[-1].startswith("_")
+    ]
+    assert len(ours) >= 3  # the three packages, at least
+    extras = ["optuna", "submitit", "hydra_plugins.hydra_submitit_launcher",
+              "hydra_plugins.hydra_optuna_sweeper", "hydra_plugins.hydra_joblib_launcher", "torch"]  # fmt: skip
+    code = (
+        "import importlib, sys\n"
+        f"for m in {ours!r}: importlib.import_module(m)\n"
+        f"print([m for m in {extras!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", (ours, done.stdout)

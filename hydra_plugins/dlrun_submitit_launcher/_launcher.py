@@ -1,5 +1,9 @@
 """`hydra/launcher=slurm` (and `slurm_local`): Hydra's submitit launchers, made to requeue and resume.
 
+The module name starts with `_`: Hydra's plugin scan skips it, so that without the `[sweep]`
+extra (no hydra_submitit_launcher to import) no run prints an import warning; the configs name
+the classes by their full path.
+
 Hydra's launcher pickles each sweep point as a submitit job. On SLURM's warning signal before
 the time limit (or a preemption), submitit calls the job's `checkpoint()` and requeues the
 pickle it returns. Two things make that requeued job continue rather than start over:
