@@ -222,8 +222,10 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         )
         self.optimizers, self.scaler = self.opt.optimizers, self.opt.scaler
         self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
-        # A run shorter than 10 logging windows logs 10 step points (a curve, not one dot).
-        self.log_every = max(1, min(self.log_every, self.max_steps // 10))
+        # A run shorter than one logging window logs 10 step points (a curve, not one dot); a
+        # longer one keeps the cadence asked for (each window ends in a host sync).
+        if self.max_steps < self.log_every:
+            self.log_every = max(1, self.max_steps // 10)
         self.guard = NonFiniteGuard(
             self.on_nonfinite, self.log_every, list(self.optimizers), self.device
         )
