@@ -1,8 +1,8 @@
 """`hydra/launcher=slurm` (and `slurm_local`): Hydra's submitit launchers, made to requeue and resume.
 
 The module name starts with `_`: Hydra's plugin scan skips it, so that without the `[sweep]`
-extra (no hydra_submitit_launcher to import) no run prints an import warning; the configs name
-the classes by their full path.
+extra (no hydra_submitit_launcher to import) no run prints an import warning; `launcher` holds
+the classes Hydra finds, which build these.
 
 Hydra's launcher pickles each sweep point as a submitit job. On SLURM's warning signal before
 the time limit (or a preemption), submitit calls the job's `checkpoint()` and requeues the
