@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dlrun.data import folder
 from dlrun.data.samplers import Sampler
 from dlrun.data.transforms import Normalize
 from dlrun.errors import UserError
@@ -49,16 +48,8 @@ class ImageItems(Dataset):
         return len(self.files)
 
     def decode(self, index: int) -> Tensor:
-        """One image as uint8 (C, S, S): the in-memory path's decode (folder.decode) exactly."""
-        path = self.files[index][0]
-        with Image.open(path) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            if img.size != (self.image_size, self.image_size):
-                img = img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-        return torch.from_numpy(array.reshape(*array.shape[:2], self.channels).copy()).permute(
-            2, 0, 1
-        )
+        """One image as uint8 (C, S, S): the in-memory path's own decode, so the pixels match."""
+        return folder.decode(self.files[index][0], self.channels, self.image_size)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[Tensor | None, int, str]:
         index, seed = key
