@@ -73,8 +73,7 @@ def build_trainer(
     device = resolve_device(cfg.device)
     threads.apply(cfg.trainer.get("num_threads"))  # before any tensor work: the run's one count
     torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    set_determinism(bool(cfg.trainer.get("deterministic", False)), device)
     data = build(cfg.data, "data")
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.describe()["num_classes"]
@@ -83,6 +82,7 @@ def build_trainer(
     # num_threads is dlrun's (set above), not a trainer argument.
     factory = build(cfg.trainer, "trainer", _partial_=True)
     factory.keywords.pop("num_threads", None)
+    factory.keywords.pop("deterministic", None)  # process-wide: set above
     trainer = factory(
         model=build(cfg.model, "model"),
         data=data,
@@ -96,8 +96,34 @@ def build_trainer(
         freeze=cfg.get("freeze"),
     )
     trainer.check_mode(cfg.mode, cfg.ckpt)
-    trainer.setup(start_from=cfg.ckpt if cfg.mode == "train" and not cfg.resume else None)
+    resuming = cfg.resume not in (False, None)
+    trainer.setup(start_from=cfg.ckpt if cfg.mode == "train" and not resuming else None)
     return trainer
+
+
+def set_determinism(on: bool, device: torch.device) -> None:
+    """trainer.deterministic: deterministic kernels only (an op without one is an error) and no
+    cudnn autotuning, whose choice of algorithm varies from run to run; off: cudnn benchmarks."""
+    if on:  # cuBLAS needs a fixed workspace to be deterministic (before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on
+
+
+def _latest(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str | None]) -> Path:
+    """resume=latest: the newest run of the same model and data (the folder Hydra made for this
+    one is removed, as long as it is empty); any other resume value keeps `run_dir`."""
+    if cfg.resume != "latest":
+        return run_dir
+    if sweep.in_multirun():
+        raise UserError(
+            "resume=latest continues one run; in a sweep (-m) give each job its folder with "
+            "resume=true, or rerun the sweep command with resume=true."
+        )
+    found = rundir.latest_run(choices.get("model"), choices.get("data"))
+    rundir.drop(run_dir, None)
+    return found
 
 
 def run(
@@ -111,21 +137,32 @@ def run(
     Every check comes before `commit` (which writes .hydra/ and the log file); nothing is written
     to the run folder before it, so a refused run leaves an existing folder as it was.
     """
+    run_dir = _latest(cfg, Path(run_dir), choices or {})
     trainer = build_trainer(cfg, run_dir, choices)
-    return _run_mode(trainer, cfg, Path(run_dir), commit)
+    return _run_mode(trainer, cfg, run_dir, commit)
 
 
 def _run_mode(
     trainer: Trainer, cfg: DictConfig, run_dir: Path, commit: Callable[[], None] | None
 ) -> dict[str, float]:
     default = lambda: run_dir.mkdir(parents=True, exist_ok=True)  # noqa: E731
-    metrics = trainer.run_mode(
-        cfg.mode,
-        ckpt=cfg.ckpt,
-        resume=bool(cfg.resume),
-        options=OmegaConf.to_container(cfg[cfg.mode], resolve=True) if cfg.mode in cfg else {},
-        commit=(commit or default) if dist.is_main() else (lambda: None),
-    )
+    try:
+        metrics = trainer.run_mode(
+            cfg.mode,
+            ckpt=cfg.ckpt,
+            resume=cfg.resume not in (False, None),
+            options=OmegaConf.to_container(cfg[cfg.mode], resolve=True) if cfg.mode in cfg else {},
+            commit=(commit or default) if dist.is_main() else (lambda: None),
+        )
+    except RuntimeError as err:  # trainer.deterministic=true and an op that has no such kernel
+        if not torch.are_deterministic_algorithms_enabled() or "deterministic" not in str(err):
+            raise
+        line = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"trainer.deterministic=true, but this run uses an operation without a deterministic "
+            f"implementation on {trainer.device.type} ({line}). Drop trainer.deterministic, or "
+            "run on another device; the last checkpoint (if any) is intact."
+        ) from err
     shown = [f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))]
     if shown:  # output modes (sample, translate, embed, verify) have said what they wrote
         log.info("done: %s", ", ".join(shown))
@@ -153,6 +190,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     trainer = None
     try:
+        run_dir = _latest(cfg, run_dir, dict(hc.runtime.choices))
         trainer = build_trainer(cfg, run_dir, dict(hc.runtime.choices))
         metrics = _run_mode(trainer, cfg, run_dir, commit)
     except Interrupted as err:  # a stop signal: the checkpoint is written; a sweep stops too

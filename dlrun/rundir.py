@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dlrun import dist
-from dlrun.errors import WriteFailed
+from dlrun.errors import UserError, WriteFailed
 
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job format
 log = logging.getLogger("dlrun")  # the run's own lines, under the command's name
@@ -147,3 +147,35 @@ def drop(run_dir: Path, buffer: logging.handlers.MemoryHandler | None) -> None:
                 folder.rmdir()  # only if empty: never anything that holds files
             except OSError:
                 break
+
+
+def latest_run(model: str | None, data: str | None, root: Path = Path("outputs")) -> Path:
+    """resume=latest: the run folder under `root` of this model and data whose last.pt is newest.
+
+    A run's model and data are the choices Hydra recorded in its .hydra/hydra.yaml (sweep jobs
+    included); runs without a checkpoint have nothing to continue and are passed over.
+    """
+    import yaml  # PyYAML: plain reads of many small files, faster than OmegaConf
+
+    found: list[tuple[float, Path]] = []
+    for last in Path(root).glob("**/checkpoints/last.pt"):
+        run = last.parent.parent
+        try:
+            saved = yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text()) or {}
+            choices = saved["hydra"]["runtime"]["choices"]
+            if (choices.get("model"), choices.get("data")) == (model, data):
+                found.append((last.stat().st_mtime, run))
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            continue
+    if not found:
+        raise UserError(
+            f"resume=latest found no run of model={model} data={data} with a checkpoint under "
+            f"{Path(root).resolve()}. Start one (drop resume=latest), or continue a given run "
+            "with resume=true hydra.run.dir=<its folder>."
+        )
+    newest = max(found)[1]
+    log.info(
+        "resume=latest: continuing %s, the newest of %d run(s) of model=%s data=%s",
+        newest.resolve(), len(found), model, data,
+    )  # fmt: skip
+    return newest

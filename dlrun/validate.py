@@ -40,6 +40,7 @@ class Rule:
     choices: tuple[str, ...] = ()
     required: bool = False
     allow_inf: bool = False  # +inf is a value too (trainer.grad_clip=inf: measure, never clip)
+    words: tuple[str, ...] = ()  # words accepted besides the kind (resume=latest)
 
     def describe(self) -> str:
         """The requirement as words: 'an integer >= 1 or null'."""
@@ -57,11 +58,14 @@ class Rule:
             elif self.high is not None:
                 text += f" {'<' if self.high_open else '<='} {_num(self.high)}"
         text += " or inf" if self.allow_inf else ""
+        text += "".join(f" or {w}" for w in self.words)
         return f"{text} or null" if self.nullable else text
 
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if isinstance(value, str) and value in self.words:
+            return True
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "choice":
@@ -112,7 +116,22 @@ RULES: tuple[Rule, ...] = (
     Rule("optim.lr", "number", "optim.lr=0.01", low=0, required=True),
     Rule("optim.weight_decay", "number", "optim.weight_decay=0.0005", low=0),
     Rule("optim.momentum", "number", "optim.momentum=0.9", low=0, high=1, high_open=True),
-    Rule("resume", "bool", "resume=true"),
+    Rule("resume", "bool", "resume=true", words=("latest",)),
+    Rule("eval.weights", "choice", "eval.weights=ema", choices=("model", "ema")),
+    Rule("trainer.deterministic", "bool", "trainer.deterministic=true"),
+    _int("trainer.save_top_k", 1, "trainer.save_top_k=3", nullable=True),
+    _int("trainer.profile", 1, "trainer.profile=10", nullable=True),
+    Rule(
+        "trainer.ema.decay",
+        "number",
+        "trainer.ema.decay=0.999",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+        nullable=True,
+    ),
+    Rule("trainer.ema.warmup", "bool", "trainer.ema.warmup=true"),
     _int("sample.n", 1, "sample.n=64"),
     _int("metrics.n", 2, "metrics.n=2000"),
     Rule("distill.temperature", "number", "distill.temperature=4", low=0, low_open=True),

@@ -15,6 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dlrun import dist, introspect, sync_bn, transfer
 from dlrun.errors import UserError
+from dlrun.trainers.extras import TrainingExtras
 from dlrun.trainers.guards import NonFiniteGuard, StopSignals
 from dlrun.trainers.logs import RunLog
 from dlrun.trainers.messages import Stops
@@ -45,7 +46,7 @@ def batch_items(batch: Mapping[str, Tensor]) -> int:
     return len(next(iter(batch.values())))
 
 
-class Trainer(RunModes, RunLog, Stops, ResumableRun):
+class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
     """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`.
 
     It may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
@@ -87,6 +88,9 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         early_stopping: Mapping[str, Any] | None = None,
         freeze: str | int | None = None,
         sync_batchnorm: bool = False,
+        ema: Mapping[str, Any] | None = None,
+        profile: int | None = None,
+        save_top_k: int | None = None,
     ) -> None:
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
@@ -123,6 +127,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         self.checkpoint_every = checkpoint_every_n_steps
         self.val_every_epochs, self.val_every_steps = val_every_n_epochs, val_every_n_steps
         self.monitor = Monitor(monitor, monitor_mode, early_stopping)
+        self._init_extras(ema, profile, save_top_k)
         self.progress = progress
         self.epoch = self.step_count = 0
         self.train_time = 0.0
@@ -175,6 +180,10 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
 
     def log_end(self, writer: SummaryWriter) -> None:
         """Anything a task logs once when training ends (e.g. what the network learned to see)."""
+
+    def log_evaluation(self, writer: SummaryWriter, prefix: str) -> None:
+        """What an evaluation shows beyond its scalars (images, PR curves), written once after
+        them from what `evaluate` kept: `evaluate` may run twice (e.g. with averaged weights)."""
 
     def extra_state(self) -> dict[str, Any]:
         """Task state beyond models, optimizers and RNGs that resume needs (e.g. a step counter)."""
@@ -232,6 +241,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         nets = dist.wrap_trained(roles, [r for r, ps in trainable.items() if ps], self.device)
         self.nets = {r: torch.compile(m) if self.compile else m for r, m in nets.items()}
         self.monitor.resolve(self.default_monitor)
+        self._setup_extras(trainable)
         self.is_setup = True
 
     # ----- helpers for tasks --------------------------------------------------------------------
@@ -272,7 +282,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             self.prepare(resume)
         for torn in self.last_path.parent.glob(".*.tmp*"):  # left by a process killed mid-write
             torn.unlink(missing_ok=True)
-        with self.stop:  # from here on a stop signal ends in a checkpoint, not a kill
+        # From here on a stop signal ends in a checkpoint, not a kill (and trainer.profile records).
+        with self.stop, self._profiling():
             self._open_writer(self.resumed)
             self._hint_short_run()
             try:
@@ -319,6 +330,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
             self.opt.begin(boundary)
             out = self.step(batch)
             self.opt.end()
+            if boundary and self.extras_on:
+                self._after_optimizer_step()  # trainer.ema, trainer.profile
             if self.opt.grad_norms:
                 out = dict(out) | {
                     "grad_norm" if role == "model" else f"grad_norm_{role}": (norm, 1)
@@ -371,9 +384,18 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         }
         if self.guard.skipped:
             metrics["train/skipped_steps"] = float(self.guard.skipped)
-        self._log(metrics)
+        self._log(metrics | self._peak_memory())
         return None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _peak_memory(self) -> dict[str, float]:
+        """CUDA only: the peak allocated since the last epoch's end (its evaluation included),
+        in GiB, as sys/max_memory_gb; then a fresh peak for the next epoch."""
+        if self.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {"sys/max_memory_gb": peak}

@@ -80,7 +80,8 @@ class RunLog:
         try:
             try:
                 self.stop.evaluating = True  # a stop signal now ends the evaluation at once
-                metrics = self.evaluate(self.data.val_loader(), "val")
+                averaged = self._ema_metrics(self.data.val_loader(), "val")
+                metrics = self.evaluate(self.data.val_loader(), "val") | averaged
             finally:
                 self.stop.evaluating = False
         except EvaluationCut:  # the checkpoint comes next; the resumed run evaluates again
@@ -88,6 +89,8 @@ class RunLog:
             return time.perf_counter() - began
         self.phase = "train"  # not on an error: an out-of-memory message names the phase
         self._log(metrics)
+        if self.writer is not None:  # images, PR curves: once, from what evaluate kept
+            self.log_evaluation(self.writer, "val")
         self.last_eval_step = self.step_count
         about = self.data.describe()
         # A data set without a held-out alternative (CycleGAN's test sets are its benchmark)

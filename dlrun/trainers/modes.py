@@ -79,8 +79,26 @@ class RunModes:
             return self.fit(resume=resume)
         state = checkpoint.load(ckpt)
         checkpoint.load_model_state(self.model, state, ckpt, config=self.config)
+        self._eval_weights(state, ckpt)
         commit()
         return getattr(self, f"mode_{mode}")(state, dict(options))
+
+    def _eval_weights(self, state: Mapping[str, Any], ckpt: str | None) -> None:
+        """eval.weights=ema: the checkpoint's weight average (trainer.ema) replaces its weights."""
+        weights = self.config.get("eval", {}).get("weights", "model")
+        if weights not in ("model", "ema"):
+            raise UserError(f"eval.weights must be model or ema, got '{weights}'.")
+        if weights == "model":
+            return
+        if not state.get("ema"):
+            raise UserError(
+                f"eval.weights=ema: {ckpt} holds no weight average (it was trained without "
+                "trainer.ema.decay); use eval.weights=model."
+            )
+        checkpoint.load_model_state(
+            self.model, {**state, "model": state["ema"]}, ckpt, config=self.config
+        )
+        log.info("evaluating the weight average (eval.weights=ema) of %s", ckpt)
 
     def output_dir(self, mode: str) -> Path:
         return self.run_dir / mode

@@ -151,10 +151,12 @@ class ResumableRun:
     def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
         """last.pt (at an epoch end, or mid-epoch with `progress`); best.pt when the monitor improved."""
         self._check_finite()  # never replace a good checkpoint with diverged weights
+        self._top_k_consider()
         state = self._state(progress)  # every rank takes part (its RNG states)
         if not dist.is_main():
             return
         checkpoint.save(self.last_path, state)
+        self._top_k_commit()
         if not self.monitor.improved:
             return
         self.monitor.improved = False
@@ -193,6 +195,7 @@ class ResumableRun:
             "skipped": self.guard.skipped,
             "progress": None if progress is None else vars(progress),
             "num_threads": torch.get_num_threads(),  # CPU float sums depend on it
+            **self.extras_state(),  # trainer.ema's averaged weights, trainer.save_top_k's files
         }
 
     def _restore(self, path: Path) -> None:
@@ -238,6 +241,7 @@ class ResumableRun:
         self.monitor.load_state_dict(state.get("monitor") or {})
         self.last_eval_step = state.get("last_eval_step", -1)
         self.load_extra_state(state.get("task") or {})
+        self.load_extras_state(state)
         self.guard.skipped = state.get("skipped", 0)
         self.guard.checked = self.step_count
         if state.get("progress"):  # a mid-epoch checkpoint: its partial sums go back on the device

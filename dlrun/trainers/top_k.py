@@ -1,0 +1,91 @@
+"""trainer.save_top_k=K: keep the K best checkpoints by trainer.monitor, besides last.pt.
+
+Each kept file is a copy of last.pt written right after the evaluation that scored it, named
+`checkpoints/top/step=<step>-<monitor>=<value>.pt` (Lightning's habit: the name says what it
+holds). Which files are kept is part of the run's state (saved in last.pt), so a resumed run
+keeps managing the same set; a file that a kill left unwritten is dropped from the set.
+"""
+
+import logging
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dlrun.errors import UserError, WriteFailed
+
+log = logging.getLogger(__name__)
+
+
+def check(k: int | None, monitor: str | None) -> None:
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(
+            f"trainer.save_top_k must be a positive number of checkpoints to keep (e.g. "
+            f"trainer.save_top_k=3) or null, got {k!r}."
+        )
+    if monitor is None:
+        raise UserError(
+            "trainer.save_top_k keeps the best checkpoints by trainer.monitor, which is null: set "
+            "trainer.monitor (e.g. trainer.monitor=val/acc) or drop trainer.save_top_k."
+        )
+
+
+class TopK:
+    """The K best (score, step, file) so far, best first; `consider` after each evaluation."""
+
+    def __init__(self, k: int, folder: Path, monitor: str, mode: str) -> None:
+        self.k, self.folder, self.monitor, self.mode = k, Path(folder), monitor, mode
+        self.kept: list[dict[str, Any]] = []  # {"score", "step", "file"}, best first
+        self.last_step = -1  # the last evaluated step considered (each is considered once)
+        self.pending: list[str] = []  # files to write from last.pt once it is saved
+        self.evicted: list[str] = []
+
+    def _key(self, entry: Mapping[str, Any]) -> tuple[float, int]:
+        score = entry["score"] if self.mode == "max" else -entry["score"]
+        return (-score, entry["step"])  # best first; of equal scores, the earlier step
+
+    def consider(self, score: float | None, step: int) -> None:
+        """Before last.pt is saved: does this evaluation's checkpoint belong to the K best?"""
+        if score is None or step == self.last_step:
+            return
+        self.last_step = step
+        tag = re.sub(r"[^A-Za-z0-9_.-]", "_", self.monitor)
+        entry = {"score": float(score), "step": step, "file": f"step={step}-{tag}={score:.4f}.pt"}
+        ranked = sorted([*self.kept, entry], key=self._key)
+        self.kept, dropped = ranked[: self.k], ranked[self.k :]
+        self.evicted += [e["file"] for e in dropped if e is not entry]
+        if entry in self.kept:
+            self.pending.append(entry["file"])
+
+    def commit(self, last: Path) -> None:
+        """After last.pt is saved: copy it to the new top-k file(s), delete the evicted ones."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name in self.pending:
+            target = self.folder / name
+            tmp = target.with_name(f".{name}.tmp")
+            try:
+                shutil.copyfile(last, tmp)
+                tmp.replace(target)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise WriteFailed(
+                    f"Could not write {target} ({err.strerror or err}); {last} is up to date. "
+                    "Free disk space or make the run folder writable, then resume=true."
+                ) from err
+        for name in self.evicted:
+            (self.folder / name).unlink(missing_ok=True)
+        self.pending, self.evicted = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": [dict(e) for e in self.kept], "last_step": self.last_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kept = [dict(e) for e in state.get("kept", [])]
+        missing = [e["file"] for e in kept if not (self.folder / e["file"]).is_file()]
+        if missing:
+            log.warning("save_top_k: %s missing (a kill before it was written); dropped", missing)
+        self.kept = [e for e in kept if e["file"] not in missing]
+        self.last_step = int(state.get("last_step", -1))
