@@ -8,16 +8,20 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from dlrun import introspect, validate
+from dlrun import checkpoint, class_report, introspect, validate
+from dlrun.class_report import EvalAccumulator
 from dlrun.errors import UserError
 from dlrun.losses import Objective
 from dlrun.trainers.base import Sums, Trainer
+from dlrun.trainers.classify_modes import ClassifyModes
 
 TTA = ("none", "flip")
 
 
-class ClassificationTrainer(Trainer):
+class ClassificationTrainer(ClassifyModes, Trainer):
     """Trains `model(image) -> logits` against integer labels."""
+
+    modes = ("train", "eval", "predict", "export")
 
     def __init__(self, *, loss: Objective, tta: str = "none", **kwargs: Any) -> None:
         if getattr(kwargs.get("model"), "embedding_dim", None) is not None:
@@ -48,14 +52,16 @@ class ClassificationTrainer(Trainer):
 
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
         x, y = batch["image"], batch["label"]
+        # data.mixup / data.cutmix: soft (B, K) targets for the loss; y stays the dominant class
+        target = batch.get("target", y)
         with self.autocast():
             # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
             out = self.net()(self.layout(x))
             logits, *aux = out if isinstance(out, tuple) else (out,)
-            loss = self.loss(logits, y)
+            loss = self.loss(logits, target)
         total = loss + self.loss.penalty(self.model) if self.loss.l1 or self.loss.l2 else loss
         if aux:  # the auxiliary classifiers' losses, weighted as the model says (0.3 in the paper)
-            total = total + self.aux_weight * sum(self.loss(a, y) for a in aux)
+            total = total + self.aux_weight * sum(self.loss(a, target) for a in aux)
         self.optimize(total)
         b = len(y)  # per image: the loop divides each sum by its count once per epoch
         return {"loss": (loss.detach() * b, b), "acc": ((logits.argmax(1) == y).sum(), b)}
@@ -64,16 +70,22 @@ class ClassificationTrainer(Trainer):
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        n = 0
+        gathered = EvalAccumulator(self.device)  # confusion, PR histograms, worst examples
         for batch in loader:
             x, y = batch["image"], batch["label"]
             with self.autocast():
                 logits = self.predict(self.layout(x))
             loss_sum += self.loss(logits.float(), y) * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            n += len(y)
-        return {f"{prefix}/loss": loss_sum.item() / n, f"{prefix}/acc": correct.item() / n}
+            gathered.add(logits, y, x)
+        loss, report = gathered.finish(loss_sum, self.data.describe()["classes"])
+        # Kept for log_evaluation / log_end: images are not written here, as evaluate may run
+        # more than once per evaluation (e.g. again with averaged weights, for scalars only).
+        self.eval_reports = {**getattr(self, "eval_reports", {}), prefix: report}
+        n = int(report.confusion.sum())
+        return {
+            f"{prefix}/loss": loss / n,
+            f"{prefix}/acc": float(report.confusion.trace()) / n,
+        } | report.class_accuracy(prefix)
 
     def predict(self, x: Tensor) -> Tensor:
         """Evaluation logits; with eval.tta=flip, the mean over the image and its mirror."""
@@ -87,9 +99,23 @@ class ClassificationTrainer(Trainer):
         images = self.data.example_batch(32, "train", mean=[0.0], std=[1.0])["image"]
         writer.add_image("train/images", make_grid(images, nrow=8), 0)
         self.log_inside(writer)
+        example = self.data.example_batch(2, "val")["image"].to(self.device)
+        class_report.log_graph(writer, checkpoint.unwrap(self.model), self.layout(example))
 
     def log_end(self, writer: SummaryWriter) -> None:
         self.log_inside(writer)
+        report = getattr(self, "eval_reports", {}).get("val")
+        if report is not None and report.worst is not None:  # the last validation's
+            class_report.log_worst(
+                writer, "val/worst_examples", report.worst, self.data.describe()["classes"],
+                self.data.mean, self.data.std, self.step_count,
+            )  # fmt: skip
+
+    def log_evaluation(self, writer: SummaryWriter, prefix: str) -> None:
+        """The evaluation's confusion matrix and PR curves, from what `evaluate` kept."""
+        report = getattr(self, "eval_reports", {}).get(prefix)
+        if report is not None:
+            report.write(writer, prefix, self.step_count)
 
     def log_inside(self, writer: SummaryWriter) -> None:
         """The notes' "what the network sees": first-layer filters, feature maps of one image."""
