@@ -135,27 +135,40 @@ def write_safetensors(net: nn.Module, path: Path) -> dict[str, Any]:
     return {"weights": "the model's state_dict; build the model from `model` and load_model()"}
 
 
-def run_exported(
-    fmt: str, path: Path, x: Tensor, fresh: Callable[[], nn.Module] | None = None
-) -> Tensor:
-    """The logits of the written file on the CPU batch `x`: onnxruntime, torch.jit.load, or the
-    safetensors weights loaded into `fresh()` (a newly built, untrained model of the same config)."""
+def load_exported(
+    fmt: str, path: Path, fresh: Callable[[], nn.Module] | None = None
+) -> Callable[[Tensor], Tensor]:
+    """The written file as a function of a CPU batch -> logits: an onnxruntime session, the
+    torch.jit.load-ed module, or the safetensors weights loaded into `fresh()` (a newly built,
+    untrained model of the same config)."""
     if fmt == "onnx":
         ort = require("onnxruntime", "onnx")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (out,) = session.run(["logits"], {"image": x.numpy()})
-        return torch.from_numpy(out)
-    with torch.no_grad():
-        if fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(str(path), map_location="cpu")(x)
+        return lambda x: torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location="cpu")
+    else:
         if fresh is None:
             raise ValueError("safetensors weights need a model to load into (fresh)")
         st = require("safetensors.torch", "safetensors")
         net = fresh()
         st.load_model(net, str(path))
-        return net.eval()(x)
+    net.eval()
+
+    def call(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return net(x)
+
+    return call
+
+
+def run_exported(
+    fmt: str, path: Path, x: Tensor, fresh: Callable[[], nn.Module] | None = None
+) -> Tensor:
+    """The logits of the written file on the CPU batch `x` (see `load_exported`)."""
+    return load_exported(fmt, path, fresh)(x)
 
 
 def write_sidecar(path: Path, info: Mapping[str, Any]) -> Path:
