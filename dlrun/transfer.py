@@ -38,8 +38,12 @@ def read_weights(spec: str) -> dict[str, Tensor]:
 
 
 def head_layer(model: nn.Module) -> str | None:
-    """The state-dict prefix of the layer that produces the logits: the last one in `model.head`."""
+    """The state-dict prefix of the layer that produces the logits: the last one in `model.head`
+    (dlrun's networks), or the module a timm network's `get_classifier()` returns."""
     net = checkpoint.unwrap(model)
+    if is_timm(net):
+        name = _classifier_name(net)
+        return f"{name}." if name else None
     head = getattr(net, "head", None)
     if head is None:
         return None
@@ -91,7 +95,8 @@ def _by_position(
 
 
 def freeze(model: nn.Module, spec: str | int | None) -> list[nn.Module]:
-    """`backbone`: train only the head; N: freeze the first N stages of `model.features`.
+    """`backbone`: train only the head; N: freeze the first N stages of `model.features` (a timm
+    network: of its `feature_info` stages).
 
     Returns the frozen stages: the trainer keeps them in eval mode, so their BatchNorm statistics
     stay those of the weights they came with instead of drifting while "frozen".
@@ -99,6 +104,8 @@ def freeze(model: nn.Module, spec: str | int | None) -> list[nn.Module]:
     if spec in (None, 0, "none"):
         return []
     net = checkpoint.unwrap(model)
+    if is_timm(net):
+        return _freeze_timm(net, spec)
     stages = list(getattr(net, "features", nn.Sequential()).children())
     if spec == "backbone":
         frozen = stages
@@ -114,3 +121,75 @@ def freeze(model: nn.Module, spec: str | int | None) -> list[nn.Module]:
             p.requires_grad_(False)
     log.info("froze %d of %d stages", len(frozen), len(stages))
     return frozen
+
+
+def is_timm(net: nn.Module) -> bool:
+    """A timm network (model=timm): it names its classifier and its stages its own way."""
+    return hasattr(net, "get_classifier") and hasattr(net, "pretrained_cfg")
+
+
+def _classifier_name(net: nn.Module) -> str | None:
+    classifier = net.get_classifier()
+    return next((n for n, m in net.named_modules() if m is classifier and n), None)
+
+
+def _freeze_timm(net: nn.Module, spec: str | int) -> list[nn.Module]:
+    """timm's stages are its `feature_info` modules (e.g. act1, layer1..layer4 of a ResNet; the
+    blocks of a ViT): stage k is everything from the end of stage k-1 to the end of feature k
+    (the stem goes with the first), in the network's module order."""
+    features = [f["module"] for f in getattr(net, "feature_info", None) or []]
+    names = dict(net.named_modules())
+    head = _classifier_name(net)
+    if spec == "backbone":
+        if head is None:
+            raise UserError(
+                f"freeze=backbone: {type(net).__name__} has no classifier to train "
+                "(get_classifier() is not a layer): use freeze=N or freeze=null."
+            )
+        # everything but the head and the containers that hold it (a ConvNeXt's head.norm: frozen)
+        chosen = {n for n in names if n and not _within(n, head) and not _within(head, n)}
+        what = f"everything but the classifier ({head})"
+    elif isinstance(spec, int) and 0 < spec <= len(features):
+        stage = _timm_stages(net, features)
+        chosen = {n for n in names if n and stage[n] < spec}
+        what = f"{spec} of {len(features)} stages (up to {features[spec - 1]})"
+    else:
+        listed = ", ".join(features) if features else "none: it has no feature_info"
+        raise UserError(
+            f"freeze={spec!r} is not a choice: use backbone, or a number of stages from 1 to "
+            f"{len(features)} (timm {type(net).__name__}'s stages: {listed}), or null."
+        )
+    # The topmost frozen modules (eval() reaches the rest); the root's own tensors (a ViT's
+    # position embedding, class token) go with the first stage, i.e. frozen by either spec.
+    tops = [names[n] for n in chosen if not any(p in chosen for p in _ancestors(n))]
+    for module in tops:
+        module.requires_grad_(False)
+    for p in net.parameters(recurse=False):
+        p.requires_grad_(False)
+    log.info("froze %s: %d modules", what, len(tops))
+    return tops
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _ancestors(name: str) -> list[str]:
+    """The dotted names of the modules that contain `name` (not the root, not itself)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _timm_stages(net: nn.Module, features: list[str]) -> dict[str, int]:
+    """Each module's stage: a leaf's is the index of the feature module it is in, else of the next
+    one to come (after the last feature, e.g. the pooling and the head: len(features)); a
+    container's is the last of its contents', so a frozen container holds only frozen stages."""
+    stage, passed = {}, -1
+    for name, _ in net.named_modules():
+        inside = next((i for i, f in enumerate(features) if _within(name, f)), None)
+        passed = max(passed, inside) if inside is not None else passed
+        stage[name] = inside if inside is not None else passed + 1
+    for name in list(stage):
+        for parent in _ancestors(name):
+            stage[parent] = max(stage[parent], stage[name])
+    return stage
