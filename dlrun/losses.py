@@ -6,14 +6,26 @@ import torch.nn.functional as F
 from hydra.utils import get_method
 from torch import Tensor, nn
 
+from dlrun.errors import UserError
+
 
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Softmax cross-entropy, mean over the batch: -log softmax(s)_y."""
+    """Softmax cross-entropy, mean over the batch: -log softmax(s)_y.
+
+    target: int64 class indices (B,), or class probabilities (B, K) float (data.mixup /
+    data.cutmix's soft targets): -sum_k p_k log softmax(s)_k; label smoothing applies to both.
+    """
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
 
 def multiclass_hinge(logits: Tensor, target: Tensor, margin: float = 1.0) -> Tensor:
     """The notes' multiclass SVM loss: sum_{j != y} max(0, s_j - s_y + margin), mean over the batch."""
+    if target.is_floating_point():  # a dtype check: no device sync
+        raise UserError(
+            "loss=hinge scores one correct class per image, but data.mixup / data.cutmix give "
+            "each image a mixture of two classes (soft targets). Use loss=cross_entropy with "
+            "them, or set data.mixup=0 data.cutmix=0 to keep loss=hinge."
+        )
     correct = logits.gather(1, target[:, None])  # (B, 1)
     margins = (logits - correct + margin).clamp_min(0)
     # The j == y term is exactly `margin`; remove it rather than masking (no extra kernel).

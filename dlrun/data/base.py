@@ -1,7 +1,7 @@
 """The in-memory image classification data set every loader module fills, and its splits."""
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dlrun import dist
+from dlrun.data.augment import Augmentation
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.pairs import MetricLoaders
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
@@ -60,7 +61,8 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
     """A classification data set held in tensors (a `DataModule`): `setup` moves it to the device.
 
     Batches are {"image": normalised float (B, C, H, W), "label": int64 (B,)}; training shuffles
-    (one randperm per epoch), random-crops with `crop_padding` and flips with `hflip`.
+    (one randperm per epoch), random-crops with `crop_padding`, flips with `hflip`, and applies
+    the per-image augmentation of dlrun.data.augment (RandAugment ... mixup: "target" (B, K)).
     """
 
     kind = "classification"  # what trainers check their batches against (Trainer.data_kinds)
@@ -91,7 +93,18 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
         classes_per_batch: int | None = None,
         verify_pairs: int = 10000,
         pair_seed: int = 0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_switch_prob: float = 0.5,
+        randaugment: Mapping[str, Any] | None = None,
+        trivialaugment: bool = False,
+        random_erasing: float = 0.0,
     ) -> None:
+        # Checked before the data set is read: a bad value fails at once.
+        self.augment = Augmentation(
+            channels=channels, mixup=mixup, cutmix=cutmix, mix_switch_prob=mix_switch_prob,
+            randaugment=randaugment, trivialaugment=trivialaugment, random_erasing=random_erasing,
+        )  # fmt: skip
         # seq_mode (row | pixel): how sequence models (model=rnn/lstm/gru) read each image; the
         # model config takes it from here (${data.seq_mode}), the data itself is unchanged.
         if seq_mode not in (None, "row", "pixel"):
@@ -242,7 +255,9 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
             transforms.append(RandomCrop(padding=self.crop_padding))
         if self.hflip:
             transforms.append(RandomHFlip())
+        transforms += self.augment.before_normalize()  # on uint8, as torchvision's
         transforms.append(self._normalize(mean, std))
+        transforms += self.augment.after_normalize(self.num_classes)  # erasing, then mixing
         return self._loader("train", sampler, transforms)
 
     def val_loader(self) -> TensorLoader:

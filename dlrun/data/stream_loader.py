@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dlrun.data import folder
 from dlrun.data.samplers import Sampler
-from dlrun.data.transforms import Normalize
+from dlrun.data.transforms import Normalize, Transform
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ class StreamLoader:
 
     `iterate(resume)` and `position()` as TensorLoader's: the position is the batch count and
     the two generators' states at the epoch's start (both are drawn from only there).
+    Batch transforms run on the device, `before` the Normalize (uint8) and `after` it, each
+    batch with a device generator seeded (a second epoch seed) + (its number in the epoch), so
+    a resumed epoch augments its remaining batches as the interrupted one would have.
     """
 
     def __init__(
@@ -119,8 +122,13 @@ class StreamLoader:
         prefetch: int = 2,
         order_generator: torch.Generator | None = None,
         aug_generator: torch.Generator | None = None,
+        before: Sequence[Transform] = (),
+        after: Sequence[Transform] = (),
     ) -> None:
         self.items, self.sampler, self.device = items, sampler, device
+        self.before, self.after = tuple(before), tuple(after)
+        self._batch_seed = 0
+        self._batch_gen = torch.Generator(device) if before or after else None
         self.normalize, self.bad_images = normalize, bad_images
         self.order_generator, self.aug_generator = order_generator, aug_generator
         self.batch_size = sampler.batch_size
@@ -159,6 +167,8 @@ class StreamLoader:
         seed = None
         if aug is not None:  # after the order: one generator may serve both
             seed = int(torch.randint(SEED_SPAN, (1,), generator=aug))
+            if self._batch_gen is not None:  # drawn only then: earlier runs reproduce
+                self._batch_seed = int(torch.randint(SEED_SPAN, (1,), generator=aug))
         skip = int(resume["batch"]) if resume is not None else 0
         self.keys.batches = [
             [(i, None if seed is None else seed + i) for i in b["main"].tolist()]
@@ -173,8 +183,16 @@ class StreamLoader:
                 self._bad(raw["bad"])
             x = raw["image"].to(self.device, non_blocking=True)
             y = raw["label"].to(self.device, non_blocking=True)
+            batch, gen = {"image": x, "label": y}, self._batch_gen
+            if gen is not None:
+                gen.manual_seed(self._batch_seed + self._batch)
+            for transform in self.before:
+                batch = transform(batch, gen)
+            batch["image"] = self.normalize.normalize(batch["image"])
+            for transform in self.after:
+                batch = transform(batch, gen)
             self._batch += 1  # counted before the yield, as TensorLoader counts
-            yield {"image": self.normalize.normalize(x), "label": y}
+            yield batch
 
     def _bad(self, bad: list[str]) -> None:
         refuse_bad(bad, self.bad_images)

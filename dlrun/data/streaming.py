@@ -8,7 +8,7 @@ worker processes instead, with the same splits, batches, metrics and resume.
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from dlrun import dist
+from dlrun.data.augment import Augmentation
 from dlrun.data.base import ClassificationData, Splits, held_out, missing_data
 from dlrun.data.folder import list_images
 from dlrun.data.module import DeviceGenerators
@@ -95,7 +96,9 @@ class StreamingClassificationData(DeviceGenerators):
     The same splits as the in-memory path (train shuffled by the fixed seed-0 permutation,
     then train_subset, then val_split's fixed hold-out), the same global batches (ShardedSampler
     over RandomSampler, order generator seeded alike on every rank) and torchvision's transforms
-    (RandomCrop with padding, RandomHorizontalFlip) on uint8 images in the workers.
+    (RandomCrop with padding, RandomHorizontalFlip) on uint8 images in the workers; the
+    per-image augmentation of dlrun.data.augment (RandAugment ... mixup) runs on the device,
+    once the batch is there, as on the in-memory path.
     """
 
     kind = "classification"
@@ -125,8 +128,18 @@ class StreamingClassificationData(DeviceGenerators):
         seq_mode: str | None = None,
         holdout_classes: Sequence[int] | None = None,
         classes_per_batch: int | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_switch_prob: float = 0.5,
+        randaugment: Mapping[str, Any] | None = None,
+        trivialaugment: bool = False,
+        random_erasing: float = 0.0,
         **_metric: Any,  # verify_pairs, pair_seed: metric learning's, refused below if asked for
     ) -> None:
+        self.augment = Augmentation(
+            channels=channels, mixup=mixup, cutmix=cutmix, mix_switch_prob=mix_switch_prob,
+            randaugment=randaugment, trivialaugment=trivialaugment, random_erasing=random_erasing,
+        )  # fmt: skip
         if holdout_classes or classes_per_batch:
             raise UserError(
                 "Metric learning (data.holdout_classes, data.classes_per_batch) needs its pairs "
@@ -215,11 +228,15 @@ class StreamingClassificationData(DeviceGenerators):
         normalize: Normalize, generators: dict[str, torch.Generator],
     ) -> StreamLoader:  # fmt: skip
         items = ImageItems(self.files[split], self.channels, self.image_size, augment)
+        train = split == "train"
+        before = self.augment.before_normalize() if train else []
+        after = self.augment.after_normalize(self.num_classes) if train else []
+        draws = augment is not None or before or after
         return StreamLoader(
             items, sampler, device=self.device, normalize=normalize, bad_images=self.bad_images,
             workers=self.workers, persistent=self.persistent and split != "test",
             prefetch=self.prefetch, order_generator=generators.get("order"),
-            aug_generator=generators.get("aug") if augment is not None else None,
+            aug_generator=generators.get("aug") if draws else None, before=before, after=after,
         )  # fmt: skip
 
     def train_loader(
