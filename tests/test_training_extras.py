@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,18 +191,22 @@ def dlrun(*args: str, cwd: Path, data: Path) -> subprocess.CompletedProcess:
 
 
 def test_resume_latest_continues_the_newest_run_of_the_same_model_and_data(
-    data_root: Path, tmp_path: Path
+    data_root: Path, tmp_path: Path, make_cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    quick = ("model=linear", "data.batch_size=100", "trainer.max_epochs=1")
+    quick = ("model=linear", "data.batch_size=100", "trainer.max_epochs=1", "sched=none")
     assert dlrun(*quick, cwd=tmp_path, data=data_root).returncode == 0
-    assert dlrun("model=mlp", *quick[1:], cwd=tmp_path, data=data_root).returncode == 0
-    runs = sorted((tmp_path / "outputs").glob("*/*"))
-    linear = [r for r in runs if r.name.endswith("_linear_mnist")]
-    done = dlrun(*quick[:2], "trainer.max_epochs=2", "resume=latest", cwd=tmp_path, data=data_root)
+    (linear,) = (tmp_path / "outputs").glob("*/*_linear_mnist")
+    # A newer run of another model (its folder copied, its recorded choice changed): passed over.
+    other = linear.with_name(linear.name.replace("linear", "mlp"))
+    shutil.copytree(linear, other)
+    hydra_yaml = other / ".hydra" / "hydra.yaml"
+    hydra_yaml.write_text(hydra_yaml.read_text().replace("model: linear", "model: mlp"))
+    os.utime(other / "checkpoints" / "last.pt")
+    done = dlrun(*quick, "trainer.max_epochs=2", "resume=latest", cwd=tmp_path, data=data_root)
     assert done.returncode == 0, done.stderr
-    assert f"resume=latest: continuing {linear[0].resolve()}" in done.stderr
-    assert json.loads((linear[0] / "metrics.json").read_text())["epoch"] == 2
-    assert len(sorted((tmp_path / "outputs").glob("*/*"))) == 2  # no new folder left behind
-    none = dlrun("model=lenet", *quick[1:], "resume=latest", cwd=tmp_path, data=data_root)
-    assert none.returncode == 2
-    assert "resume=latest found no run of model=lenet data=mnist" in none.stderr
+    assert f"resume=latest: continuing {linear.resolve()}" in done.stdout + done.stderr
+    assert json.loads((linear / "metrics.json").read_text())["epoch"] == 2
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 2  # no new folder left behind
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="resume=latest found no run of model=lenet data=mnist"):
+        run(make_cfg("resume=latest"), tmp_path / "new", {"model": "lenet", "data": "mnist"})

@@ -116,4 +116,4 @@ class TrainingExtras:
                 {"weights": state["ema"], "updates": state.get("ema_updates") or 0}
             )
         if self.top_k is not None and state.get("top_k"):
-            self.top_k.load_state_dict(state["top_k"])
+            self.top_k.load_state_dict(state["top_k"], self.last_path, state["step"])

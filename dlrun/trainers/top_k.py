@@ -3,7 +3,7 @@
 Each kept file is a copy of last.pt written right after the evaluation that scored it, named
 `checkpoints/top/step=<step>-<monitor>=<value>.pt` (Lightning's habit: the name says what it
 holds). Which files are kept is part of the run's state (saved in last.pt), so a resumed run
-keeps managing the same set; a file that a kill left unwritten is dropped from the set.
+keeps managing the same set, and finishes the copy a kill interrupted.
 """
 
 import logging
@@ -82,10 +82,26 @@ class TopK:
     def state_dict(self) -> dict[str, Any]:
         return {"kept": [dict(e) for e in self.kept], "last_step": self.last_step}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        kept = [dict(e) for e in state.get("kept", [])]
-        missing = [e["file"] for e in kept if not (self.folder / e["file"]).is_file()]
-        if missing:
-            log.warning("save_top_k: %s missing (a kill before it was written); dropped", missing)
-        self.kept = [e for e in kept if e["file"] not in missing]
+    def load_state_dict(self, state: Mapping[str, Any], last: Path, step: int) -> None:
+        """On resume, from last.pt (at `step`). A kill between writing last.pt and copying it
+        leaves that step's file unwritten and the evicted ones in place: last.pt is that very
+        checkpoint, so it is copied now, and files outside the set are removed."""
+        self.kept = [dict(e) for e in state.get("kept", [])]
         self.last_step = int(state.get("last_step", -1))
+        self.pending = [
+            e["file"]
+            for e in self.kept
+            if e["step"] == step and not (self.folder / e["file"]).is_file()
+        ]
+        lost = [
+            e["file"]
+            for e in self.kept
+            if e["step"] != step and not (self.folder / e["file"]).is_file()
+        ]
+        if lost:
+            log.warning("save_top_k: %s missing from %s; dropped from the set", lost, self.folder)
+            self.kept = [e for e in self.kept if e["file"] not in lost]
+        names = {e["file"] for e in self.kept}
+        if self.folder.is_dir():
+            self.evicted = [p.name for p in self.folder.glob("*.pt") if p.name not in names]
+        self.commit(last)
