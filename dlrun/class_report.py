@@ -8,6 +8,7 @@ with PIL (already a torchvision dependency), not matplotlib.
 """
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -143,6 +144,7 @@ class EvalAccumulator:
 
 
 # ----- drawing ----------------------------------------------------------------------------------
+@functools.cache
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's bundled font at `size` px (a fixed small bitmap font on Pillow < 10.1)."""
     try:
