@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,8 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from dlrun.errors import UserError
-
-log = logging.getLogger(__name__)
 
 FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
 INSTALL = "pip install -e '.[export]'"
@@ -85,11 +83,12 @@ def write_onnx(net: nn.Module, example: Tensor, path: Path, opset: int) -> dict[
     inline = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     inline = inline < ONNX_INLINE_LIMIT
     batch = torch.export.Dim("batch")
-    # The exporter prints its progress to stdout and warns about its own internals; our log says
-    # what happened, once.
+    # The exporter prints its progress to stdout, warns about its own internals and logs each
+    # optimisation pass at INFO (into dlrun.log); our log says what happened, once.
     with (
         contextlib.redirect_stdout(io.StringIO()),
         warnings.catch_warnings(),
+        _quiet("onnx_ir", "onnxscript", "torch.onnx", "torch.export"),
         torch.no_grad(),
     ):
         warnings.simplefilter("ignore")
@@ -176,6 +175,20 @@ def write_sidecar(path: Path, info: Mapping[str, Any]) -> Path:
     side = path.with_name(path.name + ".json")
     side.write_text(json.dumps(info, indent=1) + "\n")
     return side
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """These libraries' loggers at WARNING for the duration (their INFO is per-pass chatter)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _unexportable(fmt: str, net: nn.Module, err: Exception) -> UserError:
