@@ -24,6 +24,7 @@ OPTIONS = {
     "randaugment": ["data.randaugment.num_ops=2", "data.randaugment.magnitude=9"],
     "trivialaugment": ["data.trivialaugment=true"],
     "random_erasing": ["data.random_erasing=0.25"],
+    "deterministic": ["trainer.deterministic=true"],
 }
 
 
