@@ -165,9 +165,13 @@ def test_a_vit_made_for_160_px_takes_32_px_images_and_its_pretrained_weights(
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (("model.name=test_resnett",), r"model.name=test_resnett is not a timm model\. Close names: test_resnet"),
+    (("model.name=test_resnet.nope",), "test_resnet has no weights tag nope: test_resnet.r160_in1k"),
+    (("model.name=nf_resnet26", "model.pretrained=true"), "has no pretrained weights in timm"),
     (("model.weights_file=w.pth",), "only read with model.pretrained=true"),
     (("model.pretrained=true", "model.weights_file=/no/such.pth"), "no such file"),
     (("model.kwargs={num_classes: 3}",), "model.kwargs.num_classes is set by dlrun"),
+    (("model.name=test_vit", "model.kwargs={dynamic_img_size: false, img_size: 64}"),
+     "model.kwargs.img_size makes model.name=test_vit take 64x64 images but the data gives 32x32"),
 ])  # fmt: skip
 def test_bad_timm_options_are_user_errors(
     make_cfg: Callable, tmp_path: Path, timm: ModuleType, overrides: tuple, message: str

@@ -70,8 +70,8 @@ def timm_model(
         if not pretrained or weights_file is not None:
             raise
         raise UserError(_not_available(timm, name, err)) from err
-    if image_size is not None and "img_size" not in extra:
-        _fit_input_size(model, name, image_size)
+    if image_size is not None:
+        _fit_input_size(model, name, image_size, "img_size" in extra)
     source = (weights_file or "timm's cache") if pretrained else "random weights"
     log.info("timm %s (%s), %d classes", name, source, num_classes)
     return model
@@ -92,8 +92,16 @@ def _check_name(timm: ModuleType, name: str) -> None:
     source, arch = timm.models.parse_model_name(name)
     if source is not None:  # hf-hub:org/repo or local-dir:PATH: timm resolves it when it loads
         return
-    arch, _tag = timm.models.split_model_name_tag(arch)
+    arch, tag = timm.models.split_model_name_tag(arch)
     if timm.is_model(arch):
+        if tag:
+            try:
+                timm.models.get_pretrained_cfg(name)
+            except RuntimeError as err:  # "Invalid pretrained tag"
+                tags = ", ".join(timm.list_pretrained(f"{arch}.*")) or f"none: use {arch}"
+                raise UserError(
+                    f"model.name={name}: {arch} has no weights tag {tag}: {tags}."
+                ) from err
         return
     known = timm.list_models()
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
@@ -135,11 +143,12 @@ def _not_available(timm: ModuleType, name: str, err: OSError) -> str:
     )
 
 
-def _fit_input_size(model: nn.Module, name: str, image_size: int) -> None:
+def _fit_input_size(model: nn.Module, name: str, image_size: int, asked: bool) -> None:
     """A network made for one input size (a ViT's position embeddings) set to the data's size.
 
     timm's `set_input_size` resamples pretrained position embeddings to the new patch grid; a
-    network without it cannot change size here, and says which key can.
+    network without it cannot change size here, and says which key can. A size the user asked
+    for (model.kwargs.img_size) is kept, and must be the data's.
     """
     embed = getattr(model, "patch_embed", None)
     fixed = getattr(embed, "img_size", None)
@@ -148,6 +157,12 @@ def _fit_input_size(model: nn.Module, name: str, image_size: int) -> None:
         return
     if getattr(model, "dynamic_img_size", False):
         return
+    if asked:
+        raise UserError(
+            f"model.kwargs.img_size makes model.name={name} take {fixed[0]}x{fixed[1]} images "
+            f"but the data gives {image_size}x{image_size} (data.image_size): drop "
+            "model.kwargs.img_size (dlrun sets the data's size), or set data.image_size to it."
+        )
     if not hasattr(model, "set_input_size"):
         raise UserError(
             f"model.name={name} takes {fixed[0]}x{fixed[1]} images and the data gives "
