@@ -203,3 +203,16 @@ def test_peak_memory_is_read_and_reset_on_cuda_only(monkeypatch: pytest.MonkeyPa
     trainer.device = torch.device("cuda", 0)
     assert trainer._peak_memory() == {"sys/max_memory_gb": 1.5}
     assert calls == ["max", "reset"]  # the next epoch's peak starts afresh
+
+
+def test_many_classes_keep_bounded_pr_curves() -> None:
+    """1,000 classes would write 1,000 curves an evaluation: the first PR_MAX_CLASSES get one."""
+    k = class_report.PR_MAX_CLASSES + 20
+    gathered = EvalAccumulator(torch.device("cpu"))
+    gathered.add(torch.randn(64, k), torch.randint(0, k, (64,)), torch.rand(64, 3, 8, 8))
+    _, report = gathered.finish(torch.tensor(0.0), [])
+    assert report.confusion.shape == (k, k) and report.confusion.sum() == 64
+    assert report.pr.shape == (class_report.PR_MAX_CLASSES, 2, PR_THRESHOLDS)
+    assert report.pr.sum() == 64 * class_report.PR_MAX_CLASSES  # each image once per class
+    image = class_report.confusion_image(report.confusion, report.names)
+    assert image.shape[2] == 3 and min(image.shape[:2]) >= k * 3  # a cell per class pair
