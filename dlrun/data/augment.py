@@ -55,6 +55,11 @@ def _per_image(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+# The ops work on float32 images holding the integers 0..255 and truncate after each op as
+# torchvision's uint8 kernels do (clamp, then floor): the same numbers, without a uint8 round
+# trip per op.
+
+
 def _geometry(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
     """The shears, translations and rotations of the batch as one nearest-neighbour grid_sample.
 
@@ -75,8 +80,9 @@ def _geometry(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
         torch.where(rot, cos, one),
         torch.where(sy, mag * (w / 2), torch.where(op == TRANSLATE_Y, shift, zero)),
     ], 1).float().view(b, 2, 3)  # fmt: skip
-    # torchvision's _affine_grid: pixel-centred base coordinates, normalised after the matrix.
-    base = torch.empty(1, h, w, 3, device=x.device)
+    # torchvision's _affine_grid: pixel-centred base coordinates, normalised after the matrix;
+    # one (H W, 3) x (3, 2 B) product for the batch.
+    base = torch.empty(h, w, 3, device=x.device)
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device))
     base[..., 1].copy_(
         torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)[:, None]
@@ -84,16 +90,17 @@ def _geometry(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
     base[..., 2].fill_(1)
     scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
     grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale)
-    out = F.grid_sample(x.float(), grid.view(b, h, w, 2), "nearest", "zeros", align_corners=False)
+    grid = grid.view(b, h, w, 2)
+    out = F.grid_sample(x, grid, "nearest", "zeros", align_corners=False)
     moved = (op >= SHEAR_X) & (op <= ROTATE)
-    return torch.where(_per_image(moved), out.round_().to(x.dtype), x)
+    return torch.where(_per_image(moved), out, x)
 
 
 def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     """torchvision's _blend with a per-image float64 ratio f: x * f + other * (1 - f), clamped,
     truncated. 1 - f is taken in float64 (torchvision's Python floats), then float32."""
     f, rest = _per_image(factor.float()), _per_image((1.0 - factor).float())
-    return torch.addcmul(x.mul(f), other, rest).clamp_(0, 255).to(x.dtype)
+    return torch.addcmul(x.mul(f), other, rest).clamp_(0, 255).floor_()
 
 
 def _grey(x: Tensor) -> Tensor:
@@ -102,49 +109,58 @@ def _grey(x: Tensor) -> Tensor:
 
 
 def _sharpness(x: Tensor, factor: Tensor) -> Tensor:
-    """torchvision's adjust_sharpness with a per-image factor (the border rows are kept)."""
-    c, h, w = x.shape[-3:]
+    """torchvision's adjust_sharpness with a per-image factor (the border rows are kept).
+
+    Its blur, the 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, as sums of shifted views
+    (a depthwise conv2d is several times slower on CPUs): the sums of integers are exact, and
+    k / 13 is never within rounding error of a half, so the rounded blur is torchvision's.
+    """
+    h, w = x.shape[-2:]
     if h <= 2 or w <= 2:
         return x
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device)
-    out = x.float()
-    blurred = F.conv2d(out, kernel.expand(c, 1, 3, 3), groups=c).round_()
+    out = x.clone()
+    rows = out[..., :-2, :] + out[..., 1:-1, :] + out[..., 2:, :]
     inner = out[..., 1:-1, 1:-1]
-    inner.addcmul_(blurred.sub_(inner), _per_image((1.0 - factor).float()))
-    return out.clamp_(0, 255).to(x.dtype)
+    blurred = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(inner, alpha=4).div_(13)
+    inner.addcmul_(blurred.round_().sub_(inner), _per_image((1.0 - factor).float()))
+    return out.clamp_(0, 255).floor_()
 
 
 def _autocontrast(x: Tensor) -> Tensor:
     """torchvision's autocontrast without its boolean-mask writes (no device-to-host sync)."""
-    xf = x.float()
-    low, high = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)
+    low, high = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
     flat = high == low
     inv_scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
-    return xf.sub_(torch.where(flat, 0.0, low)).div_(inv_scale).clamp_(0, 255).to(x.dtype)
+    return (x - torch.where(flat, 0.0, low)).div_(inv_scale).clamp_(0, 255).floor_()
 
 
 def apply_ops(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
     """Image i of uint8 (B, C, H, W) x gets op OPS[op[i]] at signed magnitude mag[i]; one pass."""
+    return _apply(x.float(), op, mag).to(torch.uint8)
+
+
+def _apply(x: Tensor, op: Tensor, mag: Tensor) -> Tensor:
+    """apply_ops on a float32 image of integers 0..255 (see above)."""
     x = _geometry(x, op, mag)
     factor = 1.0 + mag  # float64, as torchvision's Python floats
 
     def only(kind: int, value: Tensor, rest: float) -> Tensor:
         return torch.where(op == kind, value, rest)
 
-    x = x.mul(_per_image(only(BRIGHTNESS, factor, 1.0).float())).clamp_(0, 255).to(x.dtype)
+    x = x.mul(_per_image(only(BRIGHTNESS, factor, 1.0).float())).clamp_(0, 255).floor_()
     if x.shape[-3] == 3:  # saturation leaves grey images as they are (PIL's behaviour)
         x = _blend(x, _grey(x), only(COLOR, factor, 1.0))
-    grey = _grey(x) if x.shape[-3] == 3 else x.float()
+    grey = _grey(x) if x.shape[-3] == 3 else x
     x = _blend(x, grey.mean((-3, -2, -1), keepdim=True), only(CONTRAST, factor, 1.0))
     x = _sharpness(x, only(SHARPNESS, factor, 1.0))
-    bits = only(POSTERIZE, mag, 8.0).to(torch.int32)
-    mask = torch.bitwise_left_shift(torch.bitwise_left_shift(1, bits) - 1, 8 - bits)
-    x = x & _per_image(mask.to(x.dtype))
+    # posterize to b bits: floor(x / 2^(8 - b)) * 2^(8 - b), the bit mask as arithmetic
+    step = _per_image(torch.exp2(8.0 - only(POSTERIZE, mag, 8.0)).float())
+    x = x.div(step).floor_().mul_(step)
     threshold = _per_image(only(SOLARIZE, 255.0 * mag, 256.0).float())
-    x = torch.where(x >= threshold, 255 - x, x)
+    x = torch.where(x >= threshold, 255.0 - x, x)
     x = torch.where(_per_image(op == AUTOCONTRAST), _autocontrast(x), x)
-    return torch.where(_per_image(op == EQUALIZE), TF.equalize(x), x)
+    equalized = TF.equalize(x.to(torch.uint8)).float()
+    return torch.where(_per_image(op == EQUALIZE), equalized, x)
 
 
 class AutoAugment:
@@ -177,9 +193,10 @@ class AutoAugment:
     ) -> dict[str, Tensor]:
         x = batch["image"]
         ops, mags = self.draw(x, generator)
+        out = x.float()
         for op, mag in zip(ops, mags, strict=True):
-            x = apply_ops(x, op, mag)
-        return batch | {"image": x}
+            out = _apply(out, op, mag)
+        return batch | {"image": out.to(x.dtype)}
 
 
 class RandomErasing:
