@@ -206,3 +206,5 @@ def test_offline_uncached_pretrained_weights_name_the_cache_and_the_fix(
     assert message.startswith("model.name=test_resnet model.pretrained=true: timm found no")
     assert str(hub) in message and "HF_HUB_OFFLINE is set" in message
     assert "model.weights_file=PATH" in message
+    with pytest.raises(UserError, match=r"reads the network's config.json .* nor online"):
+        build_trainer(make_cfg(*NET, "model.name=hf-hub:timm/test_resnet.r160_in1k"), tmp_path)

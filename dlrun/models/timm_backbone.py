@@ -42,7 +42,7 @@ def timm_model(
             f"model.kwargs.{sorted(taken)[0]} is set by dlrun (model.pretrained, "
             "data.num_classes, data.channels, model.weights_file): remove it from model.kwargs."
         )
-    _check_name(timm, name)
+    source = _check_name(timm, name)
     if weights_file is not None:
         if not pretrained:
             raise UserError(
@@ -56,8 +56,8 @@ def timm_model(
                 f"path of {name}'s weights (.pth, .bin or .safetensors, e.g. pytorch_model.bin "
                 "or model.safetensors from its Hugging Face page)."
             )
-        extra["pretrained_cfg_overlay"] = dict(file=str(path))
-    elif pretrained and not timm.is_model_pretrained(name):
+        extra["pretrained_cfg_overlay"] = dict(file=str(path.resolve()))
+    elif pretrained and source is None and not timm.is_model_pretrained(name):
         raise UserError(
             f"model.name={name} has no pretrained weights in timm: use model.pretrained=false, "
             "or a name with weights (timm.list_models(pretrained=True) lists them)."
@@ -67,9 +67,9 @@ def timm_model(
             name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, **extra
         )
     except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, urllib's URLError, ...
-        if not pretrained or weights_file is not None:
+        if weights_file is not None or not (pretrained or source):  # a hub id: even its config
             raise
-        raise UserError(_not_available(timm, name, err)) from err
+        raise UserError(_not_available(timm, name, source, err)) from err
     if image_size is not None:
         _fit_input_size(model, name, image_size, "img_size" in extra)
     source = (weights_file or "timm's cache") if pretrained else "random weights"
@@ -87,11 +87,12 @@ def _import_timm() -> ModuleType:
     return timm
 
 
-def _check_name(timm: ModuleType, name: str) -> None:
-    """An unknown name as a UserError with the closest names timm knows (hub ids are not checked)."""
+def _check_name(timm: ModuleType, name: str) -> str | None:
+    """An unknown name as a UserError with the closest names timm knows; returns the name's
+    source prefix (hf-hub, local-dir: not checked here, timm resolves them when it loads)."""
     source, arch = timm.models.parse_model_name(name)
-    if source is not None:  # hf-hub:org/repo or local-dir:PATH: timm resolves it when it loads
-        return
+    if source is not None:
+        return source
     arch, tag = timm.models.split_model_name_tag(arch)
     if timm.is_model(arch):
         if tag:
@@ -102,7 +103,7 @@ def _check_name(timm: ModuleType, name: str) -> None:
                 raise UserError(
                     f"model.name={name}: {arch} has no weights tag {tag}: {tags}."
                 ) from err
-        return
+        return None
     known = timm.list_models()
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
     close += [n for n in timm.list_models(f"*{arch}*") if n not in close][: 8 - len(close)]
@@ -114,10 +115,15 @@ def _check_name(timm: ModuleType, name: str) -> None:
     raise UserError(f"model.name={name} is not a timm model. {hint}")
 
 
-def _not_available(timm: ModuleType, name: str, err: OSError) -> str:
+def _not_available(timm: ModuleType, name: str, source: str | None, err: OSError) -> str:
     """Where timm looked for the weights, and how to give them from a file instead."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    cfg = cfg.to_dict() if cfg is not None else {}
+    if source == "hf-hub":  # hf-hub:org/repo[@revision]: the config and weights of that repo
+        cfg = {"hf_hub_id": timm.models.parse_model_name(name)[1].split("@")[0]}
+    elif source is None:
+        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = cfg.to_dict() if cfg is not None else {}
+    else:
+        cfg = {}
     try:  # timm's own order: the hub when it has an id and huggingface_hub is there, else the URL
         from huggingface_hub import constants
     except ImportError:
@@ -134,6 +140,14 @@ def _not_available(timm: ModuleType, name: str, err: OSError) -> str:
     offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     page = f"https://huggingface.co/{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else cfg.get("url")
+    if source == "hf-hub":
+        return (
+            f"model.name={name}: timm reads the network's config.json (and its weights) from "
+            f"that Hugging Face hub repo, found neither in {looked} nor online{offline}: {first} "
+            "Offline, name the timm architecture the repo holds (e.g. model.name=resnet18 for "
+            "timm/resnet18.a1_in1k) and pass its downloaded weights file as "
+            "model.pretrained=true model.weights_file=PATH."
+        )
     return (
         f"model.name={name} model.pretrained=true: timm found no pretrained weights in "
         f"{looked} and could not download them{offline}: {first} Download the weights "
