@@ -282,6 +282,11 @@ def config_diff(
     )
 
 
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config as dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    return _flatten(tree)
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; an empty mapping stays a value, so its presence counts."""
     out: dict[str, Any] = {}

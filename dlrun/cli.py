@@ -20,6 +20,7 @@ from dlrun import cluster, dist, rundir, sweep, threads, validate
 from dlrun.compose import CONFIG_DIR
 from dlrun.errors import UserError
 from dlrun.messages import error_line
+from dlrun.models import without_pretrained
 from dlrun.tb import hparams_of
 from dlrun.trainers.base import Trainer
 from dlrun.trainers.guards import Interrupted
@@ -78,13 +79,16 @@ def build_trainer(
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.describe()["num_classes"]
     data.setup(device, cfg.seed, dist.rank())
+    model_node: Any = cfg.model
+    if cfg.resume not in (False, None) or cfg.mode != "train":  # a checkpoint's weights follow
+        model_node = without_pretrained(OmegaConf.to_container(cfg.model, resolve=True))
     # Partial first, then call: instantiate() would copy these live objects into the config.
     # num_threads is dlrun's (set above), not a trainer argument.
     factory = build(cfg.trainer, "trainer", _partial_=True)
     factory.keywords.pop("num_threads", None)
     factory.keywords.pop("deterministic", None)  # process-wide: set above
     trainer = factory(
-        model=build(cfg.model, "model"),
+        model=build(model_node, "model"),
         data=data,
         loss=build(cfg.loss, "loss"),
         optim=build(cfg.optim, "optim"),

@@ -208,3 +208,19 @@ def test_offline_uncached_pretrained_weights_name_the_cache_and_the_fix(
     assert "model.weights_file=PATH" in message
     with pytest.raises(UserError, match=r"reads the network's config.json .* nor online"):
         build_trainer(make_cfg(*NET, "model.name=hf-hub:timm/test_resnet.r160_in1k"), tmp_path)
+
+
+def test_eval_and_resume_of_a_pretrained_run_need_the_weights_file_no_more(
+    make_cfg: Callable, tmp_path: Path, imagenet_file: Path
+) -> None:
+    """The checkpoint overwrites the pretrained weights: rebuilding it loads no file first."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(imagenet_file.read_bytes())
+    opts = (*NET, "model.pretrained=true", f"model.weights_file={weights}", "trainer.max_steps=2")
+    trained = run(make_cfg(*opts), tmp_path / "run")
+    weights.unlink()  # gone, as a cache on another machine would be
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    scored = run(make_cfg(*opts, "mode=eval", f"ckpt={last}"), tmp_path / "eval")
+    assert scored["test/acc"] == trained["val/acc"]
+    resumed = run(make_cfg(*opts, "resume=true"), tmp_path / "run")
+    assert resumed["step"] == 2

@@ -18,7 +18,15 @@ def model_kwargs(node: DictConfig | dict) -> dict[str, Any]:
     """A (possibly older) checkpoint's model config as constructor kwargs: legacy keys dropped."""
     node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
     kwargs = OmegaConf.to_container(node, resolve=True)  # a sub-node resolves through its parent
-    return {k: v for k, v in kwargs.items() if k not in LEGACY_TRAINING_KEYS}
+    return without_pretrained({k: v for k, v in kwargs.items() if k not in LEGACY_TRAINING_KEYS})
+
+
+def without_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A model config whose weights a checkpoint is about to overwrite: no pretrained download
+    or file first (model=timm), so that evaluating or resuming works offline."""
+    if kwargs.get("pretrained"):
+        kwargs = {**kwargs, "pretrained": False, "weights_file": None}
+    return kwargs
 
 
 def instantiate_model(node: DictConfig, **overrides: Any) -> nn.Module:

@@ -37,7 +37,18 @@ RESUMABLE_CHANGES = (
     "resume",
     "ckpt",
     "mode",
+    "predict",  # the output modes' options: they never touch training
+    "export",
+    "eval.weights",
 )
+# Keys that later versions of dlrun added, with the value that leaves a run as it was: a run
+# saved before a key existed resumes as long as the key stays at that value.
+NEUTRAL = {
+    "trainer.ema.decay": None, "trainer.ema.warmup": True, "trainer.save_top_k": None,
+    "trainer.profile": None, "trainer.deterministic": False, "data.mixup": 0.0,
+    "data.cutmix": 0.0, "data.mix_switch_prob": 0.5, "data.randaugment.num_ops": 0,
+    "data.randaugment.magnitude": 9, "data.trivialaugment": False, "data.random_erasing": 0.0,
+}  # fmt: skip
 
 
 @dataclass
@@ -263,6 +274,11 @@ class ResumableRun:
     def _refuse_changes(self, saved: Mapping[str, Any], source: Path) -> None:
         """resume=true must continue the same run: name every setting that differs from it."""
         changed = checkpoint.config_diff(saved, self.config, RESUMABLE_CHANGES)
+        now = checkpoint.flatten(self.config)
+        changed = [  # a key the run predates, left at its neutral value, changes nothing
+            k for k in changed
+            if not (k in NEUTRAL and k not in checkpoint.flatten(saved) and now.get(k) == NEUTRAL[k])
+        ]  # fmt: skip
         if not changed:
             return
         shown = "; ".join(checkpoint.describe_diff(saved, self.config, changed[:6], ("run", "now")))
