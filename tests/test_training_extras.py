@@ -210,3 +210,19 @@ def test_resume_latest_continues_the_newest_run_of_the_same_model_and_data(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="resume=latest found no run of model=lenet data=mnist"):
         run(make_cfg("resume=latest"), tmp_path / "new", {"model": "lenet", "data": "mnist"})
+
+
+def test_a_run_saved_before_these_keys_resumes_while_they_stay_off(make_cfg, tmp_path: Path):
+    args = ("model=linear", "data.batch_size=100", "sched=none", "trainer.max_epochs=1")
+    run(make_cfg(*args), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    for key in ("ema", "save_top_k", "profile", "deterministic"):  # as an older dlrun saved it
+        del state["config"]["trainer"][key]
+    for key in ("mixup", "cutmix", "mix_switch_prob", "randaugment", "trivialaugment"):
+        del state["config"]["data"][key]
+    del state["config"]["eval"]["weights"], state["config"]["export"]
+    checkpoint.save(last, state)
+    with pytest.raises(UserError, match="data.mixup"):
+        run(make_cfg(*args, "trainer.max_epochs=2", "resume=true", "data.mixup=0.2"), tmp_path)
+    assert run(make_cfg(*args, "trainer.max_epochs=2", "resume=true"), tmp_path)["epoch"] == 2
