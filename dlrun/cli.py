@@ -167,7 +167,11 @@ def _run_mode(
             f"implementation on {trainer.device.type} ({line}). Drop trainer.deterministic, or "
             "run on another device; the last checkpoint (if any) is intact."
         ) from err
-    shown = [f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val/", "test/"))]
+    shown = [  # top-level metrics; per-class figures are in metrics.json and TensorBoard
+        f"{k}={v:.4f}"
+        for k, v in metrics.items()
+        if k.startswith(("val/", "test/")) and k.count("/") == 1
+    ]
     if shown:  # output modes (sample, translate, embed, verify) have said what they wrote
         log.info("done: %s", ", ".join(shown))
     else:

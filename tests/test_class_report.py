@@ -216,3 +216,14 @@ def test_many_classes_keep_bounded_pr_curves() -> None:
     assert report.pr.sum() == 64 * class_report.PR_MAX_CLASSES  # each image once per class
     image = class_report.confusion_image(report.confusion, report.names)
     assert image.shape[2] == 3 and min(image.shape[:2]) >= k * 3  # a cell per class pair
+
+
+def test_eval_mode_draws_the_test_confusion_matrix(make_cfg, tmp_path):
+    run(make_cfg(*QUICK), tmp_path / "train")
+    ckpt = tmp_path / "train" / "checkpoints" / "last.pt"
+    run(make_cfg("model=lenet", "mode=eval", f"ckpt={ckpt}"), tmp_path / "eval")
+    acc = EventAccumulator(
+        str(tmp_path / "eval"), size_guidance={"images": 0, "tensors": 0}
+    ).Reload()
+    assert "test/confusion_matrix" in acc.Tags()["images"]
+    assert {f"test/pr/{n}" for n in NAMES} <= set(acc.Tags()["tensors"])

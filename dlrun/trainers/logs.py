@@ -69,7 +69,7 @@ class RunLog:
         self.metrics.update(metrics)
         if any(k.startswith("val/") for k in metrics):
             shown = ", ".join(
-                f"{k}={v:.4f}" for k, v in self.metrics.items() if "/" in k and "_s" not in k
+                f"{k}={v:.4f}" for k, v in self.metrics.items() if k.count("/") == 1 and "_s" not in k
             )
             log.info("epoch %d step %d: %s", self.epoch, self.step_count, shown)
 

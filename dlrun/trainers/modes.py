@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from dlrun import checkpoint
+from dlrun import checkpoint, dist
 from dlrun.data.folder import IMAGE_SUFFIXES
 from dlrun.data.folder import decode as decode_image
 from dlrun.data.transforms import Normalize
@@ -132,7 +132,17 @@ class RunModes:
         self.epoch, self.step_count = state.get("epoch", 0), state.get("step", 0)
         self.train_time = state.get("train_time", 0.0)
         metrics = self.write_metrics(self.evaluate(self.data.test_loader(), "test"))
-        log.info(", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/")))
+        if (
+            dist.is_main()
+        ):  # what the evaluation shows beyond scalars (a classifier's confusion matrix)
+            with SummaryWriter(str(self.run_dir)) as writer:
+                self.log_evaluation(writer, "test")
+        shown = [
+            f"{k}={v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("test/") and k.count("/") == 1
+        ]
+        log.info(", ".join(shown))
         return metrics
 
     def log_header(self, writer: SummaryWriter) -> None:
