@@ -70,7 +70,7 @@ def test_a_run_makes_the_documented_run_folder(data_root: Path, tmp_path: Path) 
         ),
         (["trainer.precision=fp8"], "trainer.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
         (["device=tpu0"], "device='tpu0' is not a device"),
-        (["mode=predict"], "mode='predict' is not a mode of this task"),
+        (["mode=translate"], "mode='translate' is not a mode of this task"),
         (["mode=eval"], "mode=eval needs ckpt=PATH"),
         (
             ["mode=eval", "ckpt=/nonexistent/last.pt"],
