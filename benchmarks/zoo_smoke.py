@@ -247,8 +247,8 @@ def smoke(
         if name in have and name not in set(redo):
             rows.append(have[name])
             continue
-        row = run_one(name, data_root, settings, extra, env)
-        row |= {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+        began = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M")}  # the code it ran
+        row = run_one(name, data_root, settings, extra, env) | began | {"machine": machine()}
         append(row, results)
         print(table_row(row), flush=True)
         rows.append(row)
