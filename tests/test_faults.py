@@ -95,11 +95,29 @@ def references(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     cwd = tmp_path_factory.mktemp("reference")
     out = {}
     for task, args in (TASKS | {"signalled": SIGNALLED}).items():
-        rc, err = dlrun(*args, f"hydra.run.dir={task}", data=data, cwd=cwd)
+        proc = start(*args, f"hydra.run.dir={task}", data=data, cwd=cwd)
+        opened = wait_for_events(cwd / task, 0, proc)
+        last = cwd / task / "checkpoints" / "last.pt"
+        while not last.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        # From the TensorBoard file's opening to the first checkpoint: the header (config,
+        # HParams, a classifier's traced graph) and the first steps; it varies by machine.
+        first = time.time() - opened
+        rc, err = finish(proc)
         assert rc == 0, err
         train_s = json.loads((cwd / task / "metrics.json").read_text())["time/train_s"]
-        out[task] = {"metrics": metrics_of(cwd / task), "train_s": train_s}
+        out[task] = {"metrics": metrics_of(cwd / task), "train_s": train_s, "first_s": first}
     return out
+
+
+def wait_for_events(folder: Path, writers: int, proc: subprocess.Popen) -> float:
+    """Wait until the run opens a new TensorBoard file (training follows); the time it did."""
+    deadline = time.time() + 120
+    while len(list(folder.glob("events.out.tfevents.*"))) == writers and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    return time.time()
 
 
 # ----- 1. kill -9 at any moment ---------------------------------------------------------------------
@@ -112,20 +130,18 @@ def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(
     rng = random.Random(task)  # random, but the same moments on every CI run
     folder = tmp_path / "run"
     steps_at_kill = []  # the step of last.pt after each kill
-    # The first kill lands during start-up; the others at a random moment of training, timed from
-    # the opening of the run's TensorBoard file (training starts right after it).
+    # The first kill lands during start-up; the others at a random moment of the run, timed from
+    # the opening of its TensorBoard file.
     for attempt in range(5):
         resume = ("resume=true",) if (folder / ".hydra").is_dir() else ()
         writers = len(list(folder.glob("events.out.tfevents.*")))
         proc = start(*args, f"hydra.run.dir={folder}", *resume, data=data, cwd=tmp_path)
         if attempt:
-            deadline = time.time() + 120
-            while (
-                len(list(folder.glob("events.out.tfevents.*"))) == writers
-                and time.time() < deadline
-            ):
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.5 * ref["train_s"]))
+            wait_for_events(folder, writers, proc)
+            # Around the first checkpoint (before or after it), then up to half the training.
+            time.sleep(
+                rng.uniform(0.5, 1.0) * ref["first_s"] + rng.uniform(0, 0.5 * ref["train_s"])
+            )
         else:
             time.sleep(rng.uniform(0.1, 1.0))
         proc.send_signal(signal.SIGKILL)

@@ -346,7 +346,7 @@ def test_every_bad_value_is_listed_in_one_message(make_cfg) -> None:
     assert "trainer.max_epochs must be an integer >= 1, got 'abc' (str)" in msg
     assert "data.batch_size must be an integer >= 1, got 0 (int)" in msg
     assert "optim.lr must be a number >= 0, got -1 (int)" in msg
-    assert "resume must be true or false, got 'yes' (str)" in msg
+    assert "resume must be true or false or latest, got 'yes' (str)" in msg
     assert "e.g. dlrun trainer.max_epochs=10 data.batch_size=128 optim.lr=0.01 resume=true" in msg
 
 
