@@ -10,9 +10,9 @@ from torch import nn
 from dlrun.cli import run
 from dlrun.errors import UserError
 from dlrun.models.airbench import AirNet
-from dlrun.trainers.base import resolve_precision
 from dlrun.trainers.classification import ClassificationTrainer
 from dlrun.trainers.optimize import build_optimizer
+from dlrun.trainers.precision import resolve_precision
 
 QUICK = ("model=lenet", "model.activation=relu", "data.batch_size=50", "trainer.max_steps=3")
 

@@ -22,23 +22,11 @@ from dlrun.trainers.messages import Stops
 from dlrun.trainers.modes import RunModes
 from dlrun.trainers.monitor import Monitor
 from dlrun.trainers.optimize import Optimization
+from dlrun.trainers.precision import resolve_precision
 from dlrun.trainers.state import EpochProgress, ResumableRun
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Sums = Mapping[str, tuple[Tensor, Tensor | int]]  # what a step returns: metric -> (sum, count)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype; `auto` is bf16 where the hardware has it (CUDA), fp32 elsewhere."""
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else None
-    if precision not in DTYPES:
-        raise UserError(
-            f"trainer.precision must be one of auto, {', '.join(DTYPES)}, got '{precision}'."
-        )
-    return DTYPES[precision]
 
 
 def batch_items(batch: Mapping[str, Tensor]) -> int:
