@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from dlrun.cli import CONFIG_DIR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_smoke.py"
-# Classifiers that keep train.yaml's Adam + one-cycle (the issue pins them: the README's rows and the benchmarks depend on them).
+# Classifiers that keep train.yaml's Adam + one-cycle (the issue pins them: the README's rows and
+# the benchmarks depend on them).
 INHERIT = {"lenet", "mlp"}
 
 
