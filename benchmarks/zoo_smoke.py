@@ -213,6 +213,19 @@ def latest(rows: Iterable[dict[str, Any]], settings: dict[str, int]) -> dict[str
     return out
 
 
+def current(
+    rows: Iterable[dict[str, Any]], settings: dict[str, int], optimizer: str | None
+) -> dict[str, dict[str, Any]]:
+    """latest(), keeping only rows run under `optimizer` (None: any)."""
+    keep = [r for r in rows if optimizer is None or r.get("optimizer") == optimizer]
+    return latest(keep, settings)
+
+
+def optimizers(cfgs: Mapping[str, Any]) -> dict[str, str]:
+    """Each composed classifier config's optimizer label, as a run of it logs it."""
+    return {n: optimizer_label(c, c.hydra.runtime.choices) for n, c in cfgs.items()}
+
+
 def append(row: dict[str, Any], path: Path = RESULTS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
@@ -221,8 +234,8 @@ def append(row: dict[str, Any], path: Path = RESULTS) -> None:
 
 HEADER = (
     "| model | optimizer (preset: lr, schedule) | loss, first 20 steps | loss, last 20 | ratio "
-    "| test acc (1,000) | steps | minutes | learns |\n| --- | --- | --- | --- | --- | --- | --- "
-    "| --- | --- |"
+    "| test acc (1,000) | steps | minutes (threads) | learns |\n| --- | --- | --- | --- | --- | --- "
+    "| --- | --- | --- |"
 )
 
 
@@ -232,7 +245,7 @@ def table_row(row: dict[str, Any]) -> str:
     return (
         f"| `{row['model']}` | {row['optimizer']} | {row['loss_first']:.3f} | "
         f"{row['loss_last']:.3f} | {row['ratio']:.2f} | {row['acc']:.3f} | {row['steps_run']} | "
-        f"{row['minutes']:.1f} | {'yes' if row['learns'] else '**no**'} |"
+        f"{row['minutes']:.1f} ({row.get('threads') or '?'}) | {'yes' if row['learns'] else '**no**'} |"
     )
 
 
@@ -246,14 +259,17 @@ def smoke(
     extra: Iterable[str] = (),
     env: dict[str, str] | None = None,
     steps: Mapping[str, int] | None = None,
+    optimizers: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run each of `names` (in this order) not yet in `results` with these settings, or in
     `redo`; append each new row as it finishes. Returns the rows of `names`, old and new.
-    `steps` gives some networks their own run length (settings["steps"] for the rest)."""
+    `steps` gives some networks their own run length (settings["steps"] for the rest);
+    `optimizers`, each network's optimizer label as its config now declares it: a row run under
+    another (a default changed since) is stale, not done."""
     rows = []
     for name in names:
         own = settings | {"steps": (steps or {}).get(name, settings["steps"])}
-        have = latest(done_rows(results), own)
+        have = current(done_rows(results), own, (optimizers or {}).get(name))
         if name in have and name not in set(redo):
             rows.append(have[name])
             continue
@@ -277,13 +293,17 @@ def main() -> None:
     parser.add_argument("--eval-subset", type=int, default=1000)
     parser.add_argument("--data-root", type=Path, default=None, help="default: DLRUN_DATA")
     parser.add_argument("--list", action="store_true", help="print the order and exit")
+    parser.add_argument(
+        "--table", action="store_true", help="print the recorded rows as a table, run nothing"
+    )
     args = parser.parse_args()
     settings = {
         "steps": args.steps or STEPS,
         "train_subset": args.train_subset,
         "eval_subset": args.eval_subset,
     }
-    names = classifiers()
+    cfgs = classifier_configs()
+    names, labels = list(cfgs), optimizers(cfgs)
     only = [n for n in args.only.split(",") if n]
     redo = [n for n in args.redo.split(",") if n]
     unknown = sorted(set(only + redo) - set(names))
@@ -294,6 +314,14 @@ def main() -> None:
     print(f"order (cheapest first): {', '.join(names)}", flush=True)
     if args.list:
         return
+    if args.table:
+        rows = done_rows()
+        print(HEADER)
+        for name in names:
+            own = settings if args.steps else settings | {"steps": LONGER.get(name, STEPS)}
+            found = current(rows, own, labels[name]).get(name)
+            print(table_row(found) if found else f"| `{name}` | not run yet |")
+        return
     data_root = args.data_root or default_data_root()
     longer = "" if args.steps else "; " + ", ".join(f"{n}: {k}" for n, k in LONGER.items())
     print(
@@ -301,7 +329,10 @@ def main() -> None:
         f" val/acc on {settings['eval_subset']} test images; {data_root}\n\n{HEADER}",
         flush=True,
     )
-    rows = smoke(names, data_root, settings, redo=redo, steps=None if args.steps else LONGER)
+    rows = smoke(
+        names, data_root, settings, redo=redo, steps=None if args.steps else LONGER,
+        optimizers=labels,
+    )  # fmt: skip
     print(f"\nAll rows (this run and earlier ones):\n\n{HEADER}")
     for row in rows:
         print(table_row(row))

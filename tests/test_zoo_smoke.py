@@ -161,5 +161,12 @@ def test_networks_of_longer_get_their_own_steps(
     assert len(ran) == 2  # both done at their own counts
     zs.smoke(["lenet"], data_root, settings, results=results)  # --steps 200: not done at 200
     assert ran[-1] == ("lenet", 200)
+    # A row run under another optimizer than the config now declares is stale: run again.
+    zs.smoke(["mlp"], data_root, settings, results=results, optimizers={"mlp": "x"})
+    assert len(ran) == 3
+    zs.smoke(["mlp"], data_root, settings, results=results, optimizers={"mlp": "sgd: SGD lr 1"})
+    assert ran[-1] == ("mlp", 200)
+    labels = zs.optimizers(zs.classifier_configs())
+    assert labels["resnet18"] == "sgd_cifar: SGD lr 0.05, cosine"
     # The script's own table: only cheap networks whose defaults the issue pins run longer.
     assert set(zs.LONGER) <= {"lenet", "mlp"} and all(n > zs.STEPS for n in zs.LONGER.values())
