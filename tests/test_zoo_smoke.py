@@ -73,7 +73,8 @@ def test_every_classifier_composes_with_its_declared_optimizer(zs: ModuleType) -
         assert (Path(CONFIG_DIR) / "optim" / f"{picks['optim']}.yaml").is_file()
         # The data config's batch size is not the model's business.
         assert c.data.batch_size == 64, name
-    assert composed["vgg16"].optim.lr == 0.01 and composed["resnet50"].optim.lr == 0.05
+    assert composed["vgg11"].optim.lr == 0.01 and composed["resnet50"].optim.lr == 0.05
+    assert (composed["vgg16"].optim.lr, composed["alexnet"].optim.lr) == (1e-4, 5e-4)
 
 
 def test_command_line_and_recipes_still_win() -> None:
