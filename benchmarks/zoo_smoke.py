@@ -35,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 RESULTS = Path(__file__).with_name("results") / "zoo_smoke.jsonl"
+# --try runs (a network with overrides: the search for a default) go here, never into the table.
+PROBES = RESULTS.with_name("zoo_probes.jsonl")
 CLASSIFIER = "dlrun.trainers.classification.ClassificationTrainer"
 # Classifier configs this benchmark cannot run as they stand: knn (no training steps; its own
 # trainer anyway) and timm (needs model.name and the timm extra).
@@ -296,6 +298,11 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="default: DLRUN_DATA")
     parser.add_argument("--list", action="store_true", help="print the order and exit")
     parser.add_argument(
+        "--try", dest="overrides", default="",
+        help="space-separated overrides (e.g. 'optim.lr=1e-4 sched=cosine'): run --only's "
+        "networks with them, always, and record the rows in zoo_probes.jsonl, not the table",
+    )  # fmt: skip
+    parser.add_argument(
         "--table", action="store_true", help="print the recorded rows as a table, run nothing"
     )
     args = parser.parse_args()
@@ -316,6 +323,8 @@ def main() -> None:
     print(f"order (cheapest first): {', '.join(names)}", flush=True)
     if args.list:
         return
+    if args.overrides and not only:
+        sys.exit("--try needs --only: the networks to try the overrides on")
     if args.table:
         rows = done_rows()
         print(HEADER)
@@ -331,6 +340,15 @@ def main() -> None:
         f" val/acc on {settings['eval_subset']} test images; {data_root}\n\n{HEADER}",
         flush=True,
     )
+    if args.overrides:
+        extra = args.overrides.split()
+        for name in names:
+            own = settings if args.steps else settings | {"steps": LONGER.get(name, STEPS)}
+            began = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            row = run_one(name, data_root, own, extra) | began | {"extra": extra}
+            append(row | {"machine": machine()}, PROBES)
+            print(table_row(row), flush=True)
+        return
     rows = smoke(
         names, data_root, settings, redo=redo, steps=None if args.steps else LONGER,
         optimizers=labels,
