@@ -171,3 +171,28 @@ def test_networks_of_longer_get_their_own_steps(
     assert labels["resnet18"] == "sgd_cifar: SGD lr 0.05, cosine"
     # The script's own table: only cheap networks whose defaults the issue pins run longer.
     assert set(zs.LONGER) <= {"lenet", "mlp"} and all(n > zs.STEPS for n in zs.LONGER.values())
+
+
+def test_try_records_probes_apart(
+    zs: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--try runs a network with overrides into zoo_probes.jsonl; the table's file is untouched."""
+    seen: list[list[str]] = []
+
+    def fake(name: str, _root: Path, own: dict[str, int], extra: list[str]) -> dict[str, Any]:
+        seen.append(list(extra))
+        return {"model": name, **own, "minutes": 0.0, "error": "exit 1: fake"}
+
+    monkeypatch.setattr(zs, "run_one", fake)
+    monkeypatch.setattr(zs, "PROBES", tmp_path / "probes.jsonl")
+    monkeypatch.setattr(zs, "RESULTS", tmp_path / "results.jsonl")
+    argv = ["zoo_smoke.py", "--only", "lenet", "--try", "optim.lr=0.001 sched=cosine"]
+    monkeypatch.setattr("sys.argv", [*argv, "--data-root", str(tmp_path)])
+    zs.main()
+    assert seen == [["optim.lr=0.001", "sched=cosine"]]
+    (row,) = [json.loads(line) for line in (tmp_path / "probes.jsonl").read_text().splitlines()]
+    assert row["extra"] == ["optim.lr=0.001", "sched=cosine"] and row["steps"] == zs.LONGER["lenet"]
+    assert not (tmp_path / "results.jsonl").exists()
+    monkeypatch.setattr("sys.argv", ["zoo_smoke.py", "--try", "optim.lr=0.1"])
+    with pytest.raises(SystemExit, match="--only"):
+        zs.main()
