@@ -238,8 +238,8 @@ def append(row: dict[str, Any], path: Path = RESULTS) -> None:
 
 HEADER = (
     "| model | optimizer (preset: lr, schedule) | loss, first 20 steps | loss, last 20 | ratio "
-    "| test acc (1,000) | steps | minutes (threads) | learns |\n| --- | --- | --- | --- | --- | --- "
-    "| --- | --- | --- |"
+    "| test acc (1,000) | steps | minutes (threads) | learns | commit |\n| --- | --- | --- | --- | --- "
+    "| --- | --- | --- | --- | --- |"
 )
 
 
@@ -249,7 +249,7 @@ def table_row(row: dict[str, Any]) -> str:
     return (
         f"| `{row['model']}` | {row['optimizer']} | {row['loss_first']:.3f} | "
         f"{row['loss_last']:.3f} | {row['ratio']:.2f} | {row['acc']:.3f} | {row['steps_run']} | "
-        f"{row['minutes']:.1f} ({row.get('threads') or '?'}) | {'yes' if row['learns'] else '**no**'} |"
+        f"{row['minutes']:.1f} ({row.get('threads') or '?'}) | {'yes' if row['learns'] else '**no**'} | {row.get('commit', '?')} |"
     )
 
 
