@@ -217,6 +217,13 @@ def latest(rows: Iterable[dict[str, Any]], settings: dict[str, int]) -> dict[str
     return out
 
 
+def own_settings(
+    name: str, settings: dict[str, int], steps: Mapping[str, int] | None
+) -> dict[str, int]:
+    """settings with `name`'s own step count from `steps` (None or absent: settings["steps"])."""
+    return settings | {"steps": (steps or {}).get(name, settings["steps"])}
+
+
 def current(
     rows: Iterable[dict[str, Any]], settings: dict[str, int], optimizer: str | None
 ) -> dict[str, dict[str, Any]]:
@@ -272,7 +279,7 @@ def smoke(
     another (a default changed since) is stale, not done."""
     rows = []
     for name in names:
-        own = settings | {"steps": (steps or {}).get(name, settings["steps"])}
+        own = own_settings(name, settings, steps)
         have = current(done_rows(results), own, (optimizers or {}).get(name))
         if name in have and name not in set(redo):
             rows.append(have[name])
@@ -323,13 +330,14 @@ def main() -> None:
     print(f"order (cheapest first): {', '.join(names)}", flush=True)
     if args.list:
         return
+    per_network = None if args.steps else LONGER
     if args.overrides and not only:
         sys.exit("--try needs --only: the networks to try the overrides on")
     if args.table:
         rows = done_rows()
         print(HEADER)
         for name in names:
-            own = settings if args.steps else settings | {"steps": LONGER.get(name, STEPS)}
+            own = own_settings(name, settings, per_network)
             found = current(rows, own, labels[name]).get(name)
             print(table_row(found) if found else f"| `{name}` | not run yet |")
         return
@@ -343,14 +351,14 @@ def main() -> None:
     if args.overrides:
         extra = args.overrides.split()
         for name in names:
-            own = settings if args.steps else settings | {"steps": LONGER.get(name, STEPS)}
+            own = own_settings(name, settings, per_network)
             began = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
             row = run_one(name, data_root, own, extra) | began | {"extra": extra}
             append(row | {"machine": machine()}, PROBES)
             print(table_row(row), flush=True)
         return
     rows = smoke(
-        names, data_root, settings, redo=redo, steps=None if args.steps else LONGER,
+        names, data_root, settings, redo=redo, steps=per_network,
         optimizers=labels,
     )  # fmt: skip
     print(f"\nAll rows (this run and earlier ones):\n\n{HEADER}")
