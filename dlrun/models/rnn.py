@@ -13,6 +13,34 @@ CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 SEQ_MODES = ("row", "pixel")
 
 
+INITS = ("default", "orthogonal", "identity")
+
+
+def init_recurrent(layer: nn.RNNBase, scheme: str) -> None:
+    """The recurrent weights' start: torch's U(+-1/sqrt(hidden)), or one of two that keep a signal.
+
+    `orthogonal` (Saxe et al. 2014): each gate's hidden-to-hidden matrix orthogonal, inputs
+    Xavier. `identity` (Le et al. 2015, the IRNN, for nonlinearity=relu): hidden-to-hidden the
+    identity, inputs N(0, 0.001), so the state carries over unchanged until the net learns to
+    change it. Biases start at zero in both.
+    """
+    if scheme not in INITS:
+        raise UserError(f"model.init must be one of {', '.join(INITS)}, got '{scheme}'.")
+    if scheme == "default":
+        return
+    for name, weight in layer.named_parameters():
+        if name.startswith("bias"):
+            nn.init.zeros_(weight)
+        elif name.startswith("weight_ih"):
+            if scheme == "identity":
+                nn.init.normal_(weight, 0.0, 1e-3)
+            else:
+                nn.init.xavier_uniform_(weight)
+        else:  # weight_hh: (gates x hidden, hidden), one square block per gate
+            for block in weight.data.split(layer.hidden_size):
+                nn.init.eye_(block) if scheme == "identity" else nn.init.orthogonal_(block)
+
+
 class SequenceClassifier(nn.Module):
     def __init__(
         self,
@@ -26,6 +54,7 @@ class SequenceClassifier(nn.Module):
         dropout: float = 0.0,
         seq_mode: str = "row",
         nonlinearity: str = "tanh",
+        init: str = "default",
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -46,6 +75,7 @@ class SequenceClassifier(nn.Module):
         )
         self.directions = 2 if bidirectional else 1
         self.head = nn.Linear(hidden_size * self.directions, num_classes)
+        init_recurrent(self.rnn, init)
 
     def sequence(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images -> (B, steps, features)."""
