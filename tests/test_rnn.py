@@ -65,3 +65,34 @@ def test_grad_clip_inf_logs_the_norm_per_step_and_trains_as_without_clipping(
     assert len(norms) == 4 and all(n > 0 for n in norms)
     with pytest.raises(UserError, match="trainer.grad_clip must be a number > 0 or inf or null"):
         run(make_cfg(*keys, "trainer.grad_clip=-inf"), tmp_path / "bad")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_recurrent_inits_set_each_gates_hidden_matrix(cell: str) -> None:
+    """identity: every gate's hidden-to-hidden block is I (the IRNN); orthogonal: W W^T = I."""
+    torch.manual_seed(0)
+    for scheme in ("identity", "orthogonal"):
+        net = SequenceClassifier(cell=cell, hidden_size=6, num_layers=2, init=scheme)
+        for name, weight in net.rnn.named_parameters():
+            if name.startswith("bias"):
+                assert not weight.any(), name
+            elif name.startswith("weight_hh"):
+                for block in weight.detach().split(6):
+                    product = block if scheme == "identity" else block @ block.T
+                    assert torch.allclose(product, torch.eye(6), atol=1e-5), (scheme, name)
+    before = SequenceClassifier(cell=cell, hidden_size=6).rnn.weight_hh_l0
+    assert not torch.allclose(before[:6], torch.eye(6))  # default: torch's uniform init
+    with pytest.raises(UserError, match="model.init must be one of default, orthogonal, identity"):
+        SequenceClassifier(cell=cell, init="kaiming")
+
+
+def test_rnn_defaults_to_the_irnn_and_the_notes_tanh_rnn_is_one_override_away(make_cfg) -> None:
+    c = make_cfg("model=rnn", "data=seq_mnist")
+    assert (c.model.nonlinearity, c.model.init, c.optim.lr, c.sched._target_) == (
+        "relu", "identity", 2e-3, "dlrun.sched.cosine"
+    )
+    notes = make_cfg("model=rnn", "data=seq_mnist", "model.nonlinearity=tanh",
+                     "model.init=default", "optim=adam", "sched=onecycle")  # fmt: skip
+    assert (notes.model.nonlinearity, notes.optim.lr, notes.sched._target_) == (
+        "tanh", 0.01, "dlrun.sched.onecycle"
+    )
