@@ -13,16 +13,30 @@ BLOCKS: dict[str, list[tuple[int, int, int, int]]] = {
 POOL_PADDING = {"imagenet": 0, "cifar": 1}
 
 
-def nin_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
-    """An mlpconv layer: a conv then two 1x1 convs (a per-pixel MLP), each followed by ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, padding),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 1),
-        nn.ReLU(inplace=True),
-    )
+def nin_block(
+    cin: int,
+    cout: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    batch_norm: bool = False,
+    logits: bool = False,
+) -> nn.Sequential:
+    """An mlpconv layer: a conv then two 1x1 convs (a per-pixel MLP), each followed by ReLU.
+
+    `batch_norm` puts BatchNorm between each conv and its ReLU (the notes' 7.5: where it goes in
+    a conv net), with no conv bias (BN's shift replaces it); the class block's last conv
+    (`logits`) stays plain, so it is still the layer transfer learning replaces.
+    """
+    layers: list[nn.Module] = []
+    specs = [(cin, kernel, stride, padding), (cout, 1, 1, 0), (cout, 1, 1, 0)]
+    for i, (c_in, k, s, p) in enumerate(specs):
+        norm = batch_norm and not (logits and i == len(specs) - 1)
+        layers.append(nn.Conv2d(c_in, cout, k, s, p, bias=not norm))
+        if norm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class NiN(nn.Module):
@@ -41,6 +55,7 @@ class NiN(nn.Module):
         variant: str = "auto",
         init: str = "default",
         dropout: float = 0.5,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         variant = resolve_variant(variant, image_size)
@@ -50,14 +65,14 @@ class NiN(nn.Module):
         cins = [in_channels] + [b[0] for b in blocks[:-1]]
         self.features = nn.Sequential(
             *(
-                nn.Sequential(nin_block(c, *b), nn.MaxPool2d(3, 2, pad))
+                nn.Sequential(nin_block(c, *b, batch_norm=batch_norm), nn.MaxPool2d(3, 2, pad))
                 for c, b in zip(cins, blocks, strict=True)
             )
         )
         # d2l keeps the ReLU after the class conv: the logits are non-negative channel means
         self.head = nn.Sequential(
             nn.Dropout(dropout),
-            nin_block(blocks[-1][0], num_classes, 3, 1, 1),
+            nin_block(blocks[-1][0], num_classes, 3, 1, 1, batch_norm=batch_norm, logits=True),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
