@@ -134,6 +134,7 @@ class EfficientNet(nn.Module):
         dropout: float | None = None,
         stochastic_depth: float = 0.2,
         norm_layer: Callable[..., nn.Module] | None = None,
+        bn_momentum: float | None = None,
     ) -> None:
         super().__init__()
         variant = resolve_variant(variant, image_size)
@@ -151,6 +152,8 @@ class EfficientNet(nn.Module):
             norm_layer = (
                 partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01) if phi >= 5 else nn.BatchNorm2d
             )
+        if bn_momentum is not None:  # the running statistics' update rate, e.g. for short runs
+            norm_layer = partial(norm_layer, momentum=bn_momentum)
         self.resolution = scaling.resolution
         cifar = variant == "cifar"
         width = scale_width(32, width_mult)
