@@ -129,3 +129,20 @@ def test_nin_has_no_fully_connected_layer(make_cfg) -> None:
         assert isinstance(last, nn.Conv2d) and last.kernel_size == (1, 1)
         assert isinstance(net.head[-2], nn.AdaptiveAvgPool2d)
         assert isinstance(net.head[-1], nn.Flatten)
+
+
+def test_nin_batch_norm_sits_between_each_conv_and_its_relu(make_cfg) -> None:
+    build = builder(make_cfg, "nin")
+    plain = build(**CIFAR, batch_norm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert sum(p.numel() for p in plain.parameters()) == 1_987_750  # d2l's NiN, biases and all
+    net = build(**CIFAR, batch_norm=True)
+    layers = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d | nn.ReLU)]
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 12
+    for i in convs[:-1]:  # conv (no bias: BN shifts) -> BN -> ReLU
+        assert layers[i].bias is None and isinstance(layers[i + 1], nn.BatchNorm2d)
+        assert isinstance(layers[i + 2], nn.ReLU)
+    logits = layers[convs[-1]]  # the class block's last conv stays plain: transfer replaces it
+    assert logits.bias is not None and isinstance(layers[convs[-1] + 1], nn.ReLU)
+    assert last_parameterised(net.head) is logits

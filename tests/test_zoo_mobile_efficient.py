@@ -109,6 +109,16 @@ def test_b5_to_b7_keep_torchvisions_batchnorm_settings(make_cfg) -> None:
         assert bn.eps == eps
 
 
+def test_bn_momentum_overrides_only_the_running_stat_rate(make_cfg) -> None:
+    for model, default in (("efficientnet_b0", 0.1), ("efficientnet_b5", 0.01)):
+        net = _build(make_cfg, model, "model.bn_momentum=null", meta=True)
+        assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)} == {default}
+        net = _build(make_cfg, model, "model.bn_momentum=0.3", meta=True)
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert {m.momentum for m in bns} == {0.3}
+        assert {m.eps for m in bns} == {1e-3 if default == 0.01 else 1e-5}  # eps untouched
+
+
 def test_unknown_phi_is_refused(make_cfg) -> None:
     with pytest.raises(Exception, match="unknown phi 8; choose one of: 0, 1, 2, 3, 4, 5, 6, 7"):
         _build(make_cfg, "efficientnet_b0", "model.phi=8", meta=True)
