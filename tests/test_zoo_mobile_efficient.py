@@ -109,7 +109,7 @@ def test_b5_to_b7_keep_torchvisions_batchnorm_settings(make_cfg) -> None:
         assert bn.eps == eps
 
 
-def test_bn_momentum_overrides_only_the_running_stat_rate(make_cfg) -> None:
+def test_bn_momentum_and_eps_override_only_their_own_setting(make_cfg) -> None:
     for model, default in (("efficientnet_b0", 0.1), ("efficientnet_b5", 0.01)):
         net = _build(make_cfg, model, "model.bn_momentum=null", meta=True)
         assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)} == {default}
@@ -117,6 +117,9 @@ def test_bn_momentum_overrides_only_the_running_stat_rate(make_cfg) -> None:
         bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
         assert {m.momentum for m in bns} == {0.3}
         assert {m.eps for m in bns} == {1e-3 if default == 0.01 else 1e-5}  # eps untouched
+        net = _build(make_cfg, model, "model.bn_eps=1e-4", meta=True)
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert {(m.eps, m.momentum) for m in bns} == {(1e-4, default)}
 
 
 def test_unknown_phi_is_refused(make_cfg) -> None:

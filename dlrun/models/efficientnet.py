@@ -135,6 +135,7 @@ class EfficientNet(nn.Module):
         stochastic_depth: float = 0.2,
         norm_layer: Callable[..., nn.Module] | None = None,
         bn_momentum: float | None = None,
+        bn_eps: float | None = None,
     ) -> None:
         super().__init__()
         variant = resolve_variant(variant, image_size)
@@ -154,6 +155,8 @@ class EfficientNet(nn.Module):
             )
         if bn_momentum is not None:  # the running statistics' update rate, e.g. for short runs
             norm_layer = partial(norm_layer, momentum=bn_momentum)
+        if bn_eps is not None:  # added to the batch variance; B5-B7's 1e-3 damps quiet channels
+            norm_layer = partial(norm_layer, eps=bn_eps)
         self.resolution = scaling.resolution
         cifar = variant == "cifar"
         width = scale_width(32, width_mult)
