@@ -110,7 +110,8 @@ def test_alpha_0_trains_exactly_as_the_classification_trainer_and_alpha_0_9_does
     make_cfg: Callable[..., DictConfig], teacher: Path, tmp_path: Path
 ) -> None:
     steps = ("trainer.max_steps=3", "trainer.max_epochs=5")
-    run(make_cfg("model=mlp", "model.hidden=[32]", *steps), tmp_path / "plain")
+    # optim=adam: the recipe's optimizer (a bare model=mlp takes its own, Adam at 1e-3)
+    run(make_cfg("model=mlp", "model.hidden=[32]", "optim=adam", *steps), tmp_path / "plain")
     run(distill(make_cfg, teacher, "distill.alpha=0", *steps), tmp_path / "alpha0")
     run(distill(make_cfg, teacher, *steps), tmp_path / "alpha09")
     plain, alpha0, soft = (weights(tmp_path / d) for d in ("plain", "alpha0", "alpha09"))
