@@ -38,7 +38,10 @@ def init_recurrent(layer: nn.RNNBase, scheme: str) -> None:
                 nn.init.xavier_uniform_(weight)
         else:  # weight_hh: (gates x hidden, hidden), one square block per gate
             for block in weight.data.split(layer.hidden_size):
-                nn.init.eye_(block) if scheme == "identity" else nn.init.orthogonal_(block)
+                if scheme == "identity":
+                    nn.init.eye_(block)
+                else:
+                    nn.init.orthogonal_(block)
 
 
 class SequenceClassifier(nn.Module):
