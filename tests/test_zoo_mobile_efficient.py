@@ -131,3 +131,31 @@ def test_unknown_phi_is_refused(make_cfg) -> None:
 def test_bad_width_mult_is_refused(make_cfg, model: str) -> None:
     with pytest.raises(Exception, match="width_mult must be positive"):
         _build(make_cfg, model, "model.width_mult=0", meta=True)
+
+
+def test_classifier_init_does_not_scale_with_fewer_classes(make_cfg) -> None:
+    # torchvision's U(+-1/sqrt(num_classes)) gave B0 on 10 classes logits of std ~3.4 at init
+    torch.manual_seed(0)
+    net = _build(make_cfg, "efficientnet_b0", "model.width_mult=0.25", "model.depth_mult=0.25")
+    fc = net.head[-1]
+    assert fc.weight.abs().max() <= 1 / fc.in_features**0.5
+    assert fc.weight.abs().max() > 0.9 / fc.in_features**0.5  # U(+-b), not some smaller range
+    with torch.no_grad():
+        logits = net.train()(torch.randn(16, 3, 32, 32))
+    assert logits.std() < 1.0
+
+
+def test_zero_init_residual_starts_every_residual_block_as_the_identity(make_cfg) -> None:
+    from dlrun.models.efficientnet import MBConv
+
+    small = ("model.width_mult=0.25", "model.depth_mult=0.5")
+    net = _build(make_cfg, "efficientnet_b0", *small)  # the configs' default: true
+    blocks = [m for m in net.modules() if isinstance(m, MBConv)]
+    residual = [b for b in blocks if b.use_residual]
+    assert residual and len(residual) < len(blocks)
+    assert all(b.block[-1][1].weight.abs().sum() == 0 for b in residual)
+    assert all(b.block[-1][1].weight.abs().sum() > 0 for b in blocks if not b.use_residual)
+    x = torch.randn(2, residual[0].block[0][0].in_channels, 4, 4)
+    assert torch.equal(residual[0].eval()(x), x)
+    net = _build(make_cfg, "efficientnet_b0", *small, "model.zero_init_residual=false")
+    assert all(b.block[-1][1].weight.min() == 1 for b in net.modules() if isinstance(b, MBConv))
