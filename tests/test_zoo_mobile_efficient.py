@@ -117,9 +117,17 @@ def test_bn_momentum_and_eps_override_only_their_own_setting(make_cfg) -> None:
         bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
         assert {m.momentum for m in bns} == {0.3}
         assert {m.eps for m in bns} == {1e-3 if default == 0.01 else 1e-5}  # eps untouched
-        net = _build(make_cfg, model, "model.bn_eps=1e-4", meta=True)
+        net = _build(make_cfg, model, "model.bn_eps=1e-4", "model.bn_momentum=null", meta=True)
         bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
         assert {(m.eps, m.momentum) for m in bns} == {(1e-4, default)}
+
+
+def test_b5_to_b7_configs_set_bn_momentum_0_1(make_cfg) -> None:
+    for model, momentum in (("efficientnet_b4", 0.1), ("efficientnet_b5", 0.1)):
+        net = _build(make_cfg, model, meta=True)
+        assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)} == {momentum}
+    for phi in (5, 6, 7):
+        assert make_cfg(f"model=efficientnet_b{phi}").model.bn_momentum == 0.1
 
 
 def test_unknown_phi_is_refused(make_cfg) -> None:
