@@ -26,6 +26,8 @@ def test_every_model_config_trains_on_every_shape(make_cfg, model: str, data: st
     # timm's ResNets start each block's last BatchNorm at 0 (zero_init_last): by design, the
     # convolutions before it get no gradient at the first step.
     extra = ["model.kwargs={zero_init_last: false}"] if model == "timm" else []
+    if model.startswith("efficientnet"):  # the same by default here (zero_init_residual)
+        extra = ["model.zero_init_residual=false"]
     cfg = make_cfg(f"model={model}", f"data={data}", *extra)
     net = instantiate_model(cfg.model)
     c, s = SHAPES[data]
