@@ -169,3 +169,15 @@ def test_zero_init_residual_starts_every_residual_block_as_the_identity(make_cfg
     assert residual[0].block[-1][1].weight.grad.abs().sum() > 0
     net = _build(make_cfg, "efficientnet_b0", *small, "model.zero_init_residual=false")
     assert all(b.block[-1][1].weight.min() == 1 for b in net.modules() if isinstance(b, MBConv))
+
+
+def test_depthwise_convs_take_the_fan_out_of_one_group(make_cfg) -> None:
+    # torch's fan_out for a depthwise conv counts every channel: std sqrt(2 / (C k k)), ~0.01 here
+    torch.manual_seed(0)
+    net = _build(make_cfg, "efficientnet_b0", "model.zero_init_residual=false")
+    depthwise = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise
+    for conv in depthwise:
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.groups == conv.out_channels
+        assert abs(conv.weight.std().item() / (2 / k) ** 0.5 - 1) < 0.25
