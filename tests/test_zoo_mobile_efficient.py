@@ -161,14 +161,14 @@ def test_zero_init_residual_starts_every_residual_block_as_the_identity(make_cfg
     blocks = [m for m in net.modules() if isinstance(m, MBConv)]
     residual = [b for b in blocks if b.use_residual]
     assert residual and len(residual) < len(blocks)
-    assert all(b.block[-1][1].weight.abs().sum() == 0 for b in residual)
-    assert all(b.block[-1][1].weight.abs().sum() > 0 for b in blocks if not b.use_residual)
+    assert all(b.project_norm.weight.abs().sum() == 0 for b in residual)
+    assert all(b.project_norm.weight.abs().sum() > 0 for b in blocks if not b.use_residual)
     x = torch.randn(2, residual[0].block[0][0].in_channels, 4, 4)
     assert torch.equal(residual[0].eval()(x), x)
     residual[0].train()(x).pow(2).sum().backward()  # the zeroed scale learns from the first step
-    assert residual[0].block[-1][1].weight.grad.abs().sum() > 0
+    assert residual[0].project_norm.weight.grad.abs().sum() > 0
     net = _build(make_cfg, "efficientnet_b0", *small, "model.zero_init_residual=false")
-    assert all(b.block[-1][1].weight.min() == 1 for b in net.modules() if isinstance(b, MBConv))
+    assert all(b.project_norm.weight.min() == 1 for b in net.modules() if isinstance(b, MBConv))
 
 
 def test_depthwise_convs_take_the_fan_out_of_one_group(make_cfg) -> None:

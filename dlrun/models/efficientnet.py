@@ -105,6 +105,11 @@ class MBConv(nn.Module):
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = StochasticDepth(drop_prob, "row")
 
+    @property
+    def project_norm(self) -> nn.Module:
+        """The BatchNorm after the 1x1 projection: the last layer of the residual branch."""
+        return self.block[-1][1]
+
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H/s, W/s)
         out = self.block(x)
         return x + self.stochastic_depth(out) if self.use_residual else out
@@ -195,18 +200,18 @@ class EfficientNet(nn.Module):
         if zero_init_residual:  # each residual block starts as the identity (Goyal et al., 2017)
             for m in self.modules():
                 if isinstance(m, MBConv) and m.use_residual:
-                    nn.init.zeros_(m.block[-1][1].weight)  # the projection's BatchNorm
+                    nn.init.zeros_(m.project_norm.weight)
 
     @torch.no_grad()
     def _reset_parameters(self) -> None:
-        """The TF code's init: He (fan_out of a group) convs, unit BN; classifier U(+-1/sqrt(fan_in))."""
+        """He (fan_out of one group, as the TF code) convs, unit BN, U(+-1/sqrt(fan_in)) head."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 # He (fan_out) with the fan-out of one group, as the official TF code counts it
                 # (timm: fix_group_fanout). torch's (torchvision's) fan_out for a depthwise conv
-                # is channels x k x k, which starts its weights sqrt(channels) too small (B5's
-                # widest 5x5: std 0.008, not 0.28); BN rescales the output, so the gradients are
-                # ~100x the weights and the first steps of any optimizer jolt them.
+                # is channels x k x k, which starts its weights sqrt(channels) below the TF
+                # code's (B5's widest 5x5: std 0.008, not 0.28). Alone (with the classifier
+                # bound below) it did not make B5 learn; the zero init did.
                 fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
