@@ -68,9 +68,13 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.initialized()) or not self.affine:
+        if not (self.training and dist.initialized()):
             return super().forward(x)
-        out, mean, var = _SyncBN.apply(x, self.weight, self.bias, self.eps)
+        weight, bias = self.weight, self.bias
+        if not self.affine:  # the statistics are synchronised all the same: a unit scale, no shift
+            weight = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+            bias = torch.zeros_like(weight)
+        out, mean, var = _SyncBN.apply(x, weight, bias, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

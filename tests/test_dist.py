@@ -6,6 +6,7 @@ it saw to rank<r>.json; the test compares the ranks. A rank that raises fails th
 process group's timeout.
 """
 
+import copy
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dlrun import checkpoint, dist
+from dlrun import checkpoint, dist, sync_bn
 from dlrun.data.samplers import RandomSampler, ShardedSampler
 
 WORLD = 2
@@ -86,9 +87,41 @@ def _checks(rank: int) -> dict:
         for e, p in zip(expected, plain.parameters(), strict=True):
             e += p.grad / WORLD
     out["expected_grad"] = [e.tolist() for e in expected]
+    out["sync_bn"] = _sync_bn_checks(rank)
     out["ddp_keys"] = list(ddp.state_dict())
     out["unwrapped_keys"] = list(checkpoint.unwrap(ddp).state_dict())
     out["plain_keys"] = list(model.state_dict())
+    return out
+
+
+def _sync_bn_checks(rank: int) -> dict:
+    """SyncBatchNormCPU with and without affine parameters: each rank's output, input gradient
+    and running statistics equal one process's BatchNorm over the global batch (its slice)."""
+    torch.manual_seed(0)  # the same global batch on every rank
+    x = torch.randn(2 * WORLD, 3, 4, 4) * 3 + torch.arange(WORLD * 2.0).view(-1, 1, 1, 1)
+    upstream = torch.randn_like(x)  # the gradient of a loss that is not symmetric in the items
+    mine = slice(2 * rank, 2 * rank + 2)
+    out = {}
+    for affine in (False, True):
+        plain = nn.BatchNorm2d(3, affine=affine)
+        if affine:
+            with torch.no_grad():
+                plain.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+                plain.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+        synced = sync_bn.convert(copy.deepcopy(plain), CPU)
+        assert isinstance(synced, sync_bn.SyncBatchNormCPU)
+        xs = x[mine].clone().requires_grad_(True)
+        got = synced(xs)
+        (got * upstream[mine]).sum().backward()
+        xg = x.clone().requires_grad_(True)
+        want = plain(xg)  # one process, the whole global batch
+        (want * upstream).sum().backward()
+        out[f"affine={affine}"] = {
+            "forward": torch.allclose(got, want[mine], atol=1e-5),
+            "grad": torch.allclose(xs.grad, xg.grad[mine], atol=1e-5),
+            "running_mean": torch.allclose(synced.running_mean, plain.running_mean, atol=1e-6),
+            "running_var": torch.allclose(synced.running_var, plain.running_var, atol=1e-5),
+        }
     return out
 
 
@@ -116,3 +149,8 @@ def test_two_ranks_agree_through_dlrun_dist_sampler_and_ddp(tmp_path: Path) -> N
         assert not set(mine) & set(theirs)
         assert mine + theirs == batch  # the union, in order, is the global batch
     assert sorted(i for batch in inner for i in batch) == list(range(N))
+    for out in ranks:  # BatchNorm over the global batch, with and without affine parameters
+        assert out["sync_bn"] == {
+            f"affine={a}": {"forward": True, "grad": True, "running_mean": True, "running_var": True}
+            for a in (False, True)
+        }
