@@ -87,7 +87,8 @@ def distillation_loss(
     alpha: float = 0.9,
 ) -> Tensor:
     """Hinton et al. (2015): alpha T^2 KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha)
-    CE(y, z_s). T^2 keeps the soft term's gradients on the scale of the hard one's as T grows."""
+    CE(y, z_s). T^2 keeps the soft term's gradients on the scale of the hard one's as T grows.
+    `labels`: class indices (B,), or mixup / cutmix's class probabilities (B, K)."""
     t = temperature
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=1),

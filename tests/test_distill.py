@@ -106,10 +106,12 @@ def test_the_student_checkpoint_is_an_ordinary_classifier_checkpoint(
     assert second["student/params"] == TEACHER_PARAMS
 
 
+@pytest.mark.parametrize("mix", [[], ["data.mixup=0.4", "data.cutmix=1.0"]], ids=["plain", "mixup"])
 def test_alpha_0_trains_exactly_as_the_classification_trainer_and_alpha_0_9_does_not(
-    make_cfg: Callable[..., DictConfig], teacher: Path, tmp_path: Path
+    make_cfg: Callable[..., DictConfig], teacher: Path, tmp_path: Path, mix: list[str]
 ) -> None:
-    steps = ("trainer.max_steps=3", "trainer.max_epochs=5")
+    # With mixup / cutmix the hard term must learn the mixed targets, as classification does.
+    steps = ("trainer.max_steps=3", "trainer.max_epochs=5", *mix)
     # optim=adam: the recipe's optimizer (a bare model=mlp takes its own, Adam at 1e-3)
     run(make_cfg("model=mlp", "model.hidden=[32]", "optim=adam", *steps), tmp_path / "plain")
     run(distill(make_cfg, teacher, "distill.alpha=0", *steps), tmp_path / "alpha0")

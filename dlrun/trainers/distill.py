@@ -115,20 +115,23 @@ class DistillTrainer(ClassificationTrainer):
 
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
         x, y = self.layout(batch["image"]), batch["label"]
+        # data.mixup / data.cutmix: the hard term learns the mixed (B, K) targets, as
+        # trainer=classification does; y stays the dominant class (train/acc)
+        target = batch.get("target", y)
         with self.autocast():
             out = self.net()(x)  # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
             logits, *aux = out if isinstance(out, tuple) else (out,)
             if self.alpha == 0:  # the undistilled baseline: plain CE, no teacher forward to pay
-                loss = self.loss(logits, y)
+                loss = self.loss(logits, target)
             else:
                 with torch.no_grad():  # once per batch, outside the student's graph
                     teacher_logits = self.net("teacher")(x)
                 loss = distillation_loss(
-                    logits.float(), teacher_logits.float(), y, self.temperature, self.alpha
+                    logits.float(), teacher_logits.float(), target, self.temperature, self.alpha
                 )
         total = loss + self.loss.penalty(self.model) if self.loss.l1 or self.loss.l2 else loss
         if aux:  # GoogLeNet's auxiliary classifiers learn from the labels, as in classification
-            total = total + self.aux_weight * sum(self.loss(a, y) for a in aux)
+            total = total + self.aux_weight * sum(self.loss(a, target) for a in aux)
         self.optimize(total)
         b = len(y)
         return {"loss": (loss.detach() * b, b), "acc": ((logits.argmax(1) == y).sum(), b)}
