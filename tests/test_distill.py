@@ -78,7 +78,9 @@ def test_the_teacher_is_frozen_sees_the_students_batches_and_stays_out_of_its_ch
 
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == pytest.approx(metrics)
-    assert 0 <= metrics["teacher/test_acc"] <= 1
+    # the teacher's own test accuracy, as mode=eval of its checkpoint scores it
+    scored = run(make_cfg("model=linear", "mode=eval", f"ckpt={teacher}"), tmp_path / "teacher")
+    assert metrics["teacher/test_acc"] == scored["test/acc"]
     assert metrics["teacher/params"] == TEACHER_PARAMS
     assert metrics["student/params"] == metrics["params"] == 784 * 32 + 32 + 32 * 10 + 10
     logged = scalars(tmp_path)
@@ -142,11 +144,13 @@ def test_resume_rebuilds_the_teacher_and_ends_as_an_uninterrupted_run(
 def test_each_distill_experiment_runs_two_steps_with_a_teacher_of_its_data(
     make_cfg: Callable[..., DictConfig], tmp_path: Path, experiment: str, data: str
 ) -> None:
-    run(make_cfg("model=linear", f"data={data}", "trainer.max_steps=1"), tmp_path / "t")
+    taught = run(make_cfg("model=linear", f"data={data}", "trainer.max_steps=1"), tmp_path / "t")
     ckpt = tmp_path / "t" / "checkpoints" / "last.pt"
     cfg = make_cfg(f"experiment={experiment}", f"teacher.ckpt={ckpt}", "trainer.max_steps=2")
     metrics = run(cfg, tmp_path / "s")
-    assert metrics["step"] == 2 and "teacher/test_acc" in metrics
+    assert metrics["step"] == 2
+    assert metrics["teacher/test_acc"] == taught["val/acc"]  # the teacher's val is the test split
+    assert metrics["teacher/params"] == taught["params"]
 
 
 def edited(teacher: Path, folder: Path, key: str, value: Any) -> Path:
