@@ -167,6 +167,7 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
             self.val_name = "held-out train"
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = splits.test_x, splits.test_y
+        self.eval_subset = eval_subset
         if eval_subset is not None:  # quick looks on slow machines: the first N evaluation images
             self.val_x, self.val_y = self.val_x[:eval_subset], self.val_y[:eval_subset]
             self.test_x, self.test_y = self.test_x[:eval_subset], self.test_y[:eval_subset]
@@ -185,6 +186,26 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
             image_size,
             self.num_classes,
         )
+
+    def hold_out_validation(self, fraction: float = 0.1, minimum: int = 1000) -> int:
+        """Without data.val_split: move `fraction` of the training images (at least `minimum`,
+        at most half) into the validation split, by `held_out`'s fixed permutation. For a task
+        that must fit something on validation data (metric learning's threshold) and so can never
+        use the test split for it. Returns how many images moved (0 when val is already held out).
+        """
+        if not self.val_is_test:
+            return 0
+        n = len(self.train_x)
+        count = min(max(round(fraction * n), minimum), n // 2)
+        held, kept = held_out(n, count)  # (a count, not a fraction: the `minimum` may decide)
+        device = self.train_x.device  # setup() may have moved the data already
+        held, kept = held.to(device), kept.to(device)
+        self.val_x, self.val_y = self.train_x[held], self.train_y[held]
+        self.train_x, self.train_y = self.train_x[kept], self.train_y[kept]
+        if self.eval_subset is not None:
+            self.val_x, self.val_y = self.val_x[: self.eval_subset], self.val_y[: self.eval_subset]
+        self.val_name = "held-out train"
+        return count
 
     @property
     def val_is_test(self) -> bool:

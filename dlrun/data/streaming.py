@@ -303,6 +303,9 @@ class StreamingClassificationData(DeviceGenerators):
 
     pk_loader = pair_loader
 
+    def hold_out_validation(self, fraction: float = 0.1, minimum: int = 1000) -> int:
+        raise UserError("Metric learning needs data.in_memory=true.")
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -34,6 +34,10 @@ class TrainingExtras:
         self.ema: WeightEMA | None = None
         self.profiler: StepProfiler | None = None
         self.top_k: TopK | None = None
+        # Which weights the model holds while a task evaluates: "model", or "ema" while the
+        # average is swapped in (or under eval.weights=ema). A task that fits something on the
+        # validation split (a threshold) keeps one per set of weights.
+        self.scored_weights = "model"
 
     def _setup_extras(self, trainable: Mapping[str, list[nn.Parameter]]) -> None:
         """Built once the model is placed on its device (the average lives beside it)."""
@@ -85,7 +89,11 @@ class TrainingExtras:
         if self.ema is None:
             return {}
         with self.ema.swapped():
-            return rename(self.evaluate(loader, prefix), prefix)
+            self.scored_weights = "ema"
+            try:
+                return rename(self.evaluate(loader, prefix), prefix)
+            finally:
+                self.scored_weights = "model"
 
     def _top_k_consider(self) -> None:
         """Before last.pt is written: an evaluation at this step may enter the top k."""

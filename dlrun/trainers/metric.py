@@ -2,8 +2,10 @@
 
 Training batches follow the loss: balanced pairs for the contrastive and the head's BCE loss,
 P x K batches for triplet mining. Evaluation embeds a whole split and scores its fixed pairs:
-the threshold with the best accuracy on the validation pairs (cut from the training split) is
-applied to the test pairs; ROC AUC and leave-one-out k-NN accuracy need no threshold.
+the threshold with the best accuracy on the validation pairs (always cut from the training
+split: without data.val_split the trainer holds out 10% itself) is applied to the test pairs;
+ROC AUC and leave-one-out k-NN accuracy need no threshold. Each set of weights (the model's, the
+weight average's) gets its own threshold.
 """
 
 import json
@@ -34,6 +36,7 @@ from dlrun.trainers.base import Sums, Trainer
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+HOLD_OUT_FRACTION, HOLD_OUT_MIN = 0.1, 1000  # without data.val_split: the threshold's images
 
 
 class MetricTrainer(Trainer):
@@ -76,11 +79,27 @@ class MetricTrainer(Trainer):
                     "fashion_mnist, cifar10, imagefolder)."
                 )
         self.loss, self.knn_k, self.projector_n = loss, knn_k, projector_n
-        self.threshold: float | None = None  # on pair scores: chosen on the validation pairs
+        # The threshold is fitted on validation pairs, so they must never be test pairs: without
+        # data.val_split, hold training images out (a fixed permutation, the same in every run).
+        moved = self.data.hold_out_validation(HOLD_OUT_FRACTION, HOLD_OUT_MIN)
+        if moved:
+            log.info(
+                "metric learning: data.val_split=0, so %d training images (%d%%, at least %d, a "
+                "fixed draw) are held out to fit the verification threshold; test/* scores the "
+                "test pairs at the end (set data.val_split to choose the hold-out)",
+                moved, round(100 * HOLD_OUT_FRACTION), HOLD_OUT_MIN,
+            )  # fmt: skip
+        # On pair scores, per set of weights ("model", "ema"): fitted on the validation pairs.
+        self.thresholds: dict[str, float] = {}
 
     @property
     def siamese(self) -> Siamese:
         return unwrap(self.model)
+
+    @property
+    def threshold(self) -> float | None:
+        """The threshold of the weights the model holds now (`scored_weights`)."""
+        return self.thresholds.get(self.scored_weights)
 
     # ----- set-up -------------------------------------------------------------------------------
     def check_model(self) -> None:
@@ -102,10 +121,11 @@ class MetricTrainer(Trainer):
         return tags
 
     def extra_state(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}
+        # "threshold": the model's, as checkpoints before per-weights thresholds had it
+        return {"threshold": self.thresholds.get("model"), "thresholds": dict(self.thresholds)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.threshold = state.get("threshold")
+        self.thresholds = saved_thresholds(state)
 
     # ----- training -----------------------------------------------------------------------------
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
@@ -178,17 +198,16 @@ class MetricTrainer(Trainer):
         i, j = (t.to(self.device) for t in self.data.eval_pairs(split))
         same, s = y[i] == y[j], self.scores(ea[i], eb[j])
         if prefix == "val":  # the threshold is chosen here, and only applied to the test pairs
-            self.threshold, _ = verification.best_threshold(s, same)
+            self.thresholds[self.scored_weights], _ = verification.best_threshold(s, same)
         elif self.threshold is None:
             raise RuntimeError("score the validation pairs first: they choose the threshold")
+        threshold = float(self.threshold)  # type: ignore[arg-type]
         auc = verification.roc_auc(s, same)
         out = {
-            f"{prefix}/verify_acc": verification.accuracy_at(s, same, self.threshold),
+            f"{prefix}/verify_acc": verification.accuracy_at(s, same, threshold),
             f"{prefix}/roc_auc": auc,
             f"{prefix}/knn_acc": verification.knn_accuracy(ea, y, self.knn_k),
-            f"{prefix}/threshold": self.threshold
-            if self.siamese.head is not None
-            else -self.threshold,
+            f"{prefix}/threshold": threshold if self.siamese.head is not None else -threshold,
         }
         if self.writer is not None:
             fpr, tpr = verification.roc_curve(s, same)
@@ -201,7 +220,7 @@ class MetricTrainer(Trainer):
             # One-shot verification: pairs of classes the network never saw.
             i, j = (t.to(self.device) for t in self.data.eval_pairs(split, holdout))
             same, s = y[i] == y[j], self.scores(ea[i], eb[j])
-            out[f"{prefix}/verify_acc_unseen"] = verification.accuracy_at(s, same, self.threshold)
+            out[f"{prefix}/verify_acc_unseen"] = verification.accuracy_at(s, same, threshold)
             out[f"{prefix}/roc_auc_unseen"] = verification.roc_auc(s, same)
         return out
 
@@ -243,11 +262,27 @@ class MetricTrainer(Trainer):
 
     # ----- modes --------------------------------------------------------------------------------
     def _threshold_from(self, state: Mapping[str, Any]) -> float:
-        """The checkpoint's threshold; one chosen on the validation pairs now where it has none."""
-        self.threshold = (state.get("task") or {}).get("threshold")
+        """The checkpoint's threshold for the weights in use (eval.weights); where it has none
+        (the weight average of a checkpoint that kept only the model's), one fitted on the
+        validation pairs now, never on test pairs."""
+        task = state.get("task") or {}
+        self.thresholds = saved_thresholds(task)
+        saved_split = ((state.get("config") or {}).get("data") or {}).get("val_split")
+        if "thresholds" not in task and not saved_split and self.thresholds:
+            # Written before the hold-out: with data.val_split=0 its threshold was fitted on test
+            # pairs, so scoring test pairs with it would be optimistic.
+            log.warning(
+                "the checkpoint's threshold was fitted on test pairs (it predates the automatic "
+                "hold-out); fitting it again on the validation pairs"
+            )
+            self.thresholds = {}
         if self.threshold is None:
+            log.info(
+                "fitting the threshold of the %s weights on the validation pairs (the checkpoint "
+                "has none for them)", self.scored_weights,
+            )  # fmt: skip
             self.evaluate(self.data.val_loader(), "val")
-        return float(self.threshold)
+        return float(self.threshold)  # type: ignore[arg-type]
 
     def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
         self._threshold_from(state)
@@ -319,3 +354,11 @@ class MetricTrainer(Trainer):
         )
         print(f"{'same' if same else 'different'}: {rule} ({paths[0]} vs {paths[1]})")
         return {"verify/distance": distance, "verify/same": float(same)}
+
+
+def saved_thresholds(task_state: Mapping[str, Any]) -> dict[str, float]:
+    """A checkpoint's thresholds by weights; older checkpoints saved the model's alone."""
+    if task_state.get("thresholds") is not None:
+        return {k: float(v) for k, v in task_state["thresholds"].items()}
+    old = task_state.get("threshold")
+    return {} if old is None else {"model": float(old)}

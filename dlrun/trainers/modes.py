@@ -98,6 +98,7 @@ class RunModes:
         checkpoint.load_model_state(
             self.model, {**state, "model": state["ema"]}, ckpt, config=self.config
         )
+        self.scored_weights = "ema"  # a task's per-weights state (a threshold) follows
         log.info("evaluating the weight average (eval.weights=ema) of %s", ckpt)
 
     def output_dir(self, mode: str) -> Path:
