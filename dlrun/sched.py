@@ -60,7 +60,10 @@ def cosine(
 ) -> LRScheduler:
     """Cosine decay from the optimizer's lr to `min_lr` at the last step."""
     warmup = round(warmup_epochs * steps_per_epoch)
-    main = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=min_lr)
+    # The scheduler steps after each optimizer step but the last: steps 0 .. total - 1 see
+    # t = 0 .. total - warmup - 1 of the cosine, so that is T_max, and the last step gets min_lr.
+    # (A resumed run keeps its checkpoint's T_max: the scheduler's state holds it.)
+    main = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup - 1), eta_min=min_lr)
     return _with_warmup(optimizer, main, warmup)
 
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -26,8 +28,10 @@ def test_constant_with_linear_warmup() -> None:
 def test_cosine_decays_to_min_lr() -> None:
     out = lrs(sched.cosine, 100, min_lr=0.1)
     assert out[0] == pytest.approx(1.0)
-    assert out[50] == pytest.approx(0.55, abs=1e-6)
-    assert out[-1] == pytest.approx(0.1, abs=1e-3)
+    assert out[50] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 50 / 99)) / 2, abs=1e-9)
+    assert out[-1] == pytest.approx(0.1, abs=1e-9)  # the last step, not one step short of it
+    warm = lrs(sched.cosine, 100, min_lr=0.1, warmup_epochs=1)  # 10 warmup steps
+    assert warm[10] == pytest.approx(1.0) and warm[-1] == pytest.approx(0.1, abs=1e-9)
 
 
 def test_step_decays_every_step_epochs() -> None:
