@@ -201,6 +201,16 @@ def test_the_test_split_warning_comes_once_and_only_when_selecting_on_it(
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
 
 
+def test_the_test_split_warning_does_not_come_again_on_resume(
+    make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run(make_cfg(*LINEAR, "trainer.max_epochs=1"), tmp_path)
+    assert len(warnings_of(caplog)) == 1
+    caplog.clear()
+    run(make_cfg(*LINEAR, "trainer.max_epochs=2", "resume=true"), tmp_path)
+    assert warnings_of(caplog) == []  # the run was warned once; its checkpoint remembers
+
+
 def test_the_warning_names_early_stopping_when_it_selects_on_the_test_split(
     make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -105,9 +105,10 @@ class Monitor:
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "best": self.best, "bad_evals": self.bad_evals,
-                "stopped_early": self.stopped_early}  # fmt: skip
+                "stopped_early": self.stopped_early, "warned": self.warned}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best = state.get("best")
         self.bad_evals = int(state.get("bad_evals", 0))
         self.stopped_early = bool(state.get("stopped_early", False))
+        self.warned = bool(state.get("warned", False))  # the test-split warning: once per run
