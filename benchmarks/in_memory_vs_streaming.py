@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARGS = ["model=lenet", "data=cifar10", "trainer.max_epochs=1", "trainer.progress=false",
+ARGS = ["model=lenet", "data=cifar10", "trainer.max_epochs=1", "trainer.progress=false", "data.val_split=0",
         "device=cpu"]  # fmt: skip
 PATHS = {"in memory": ["data.in_memory=true"],
          "streamed": ["data.in_memory=false", "data.num_workers=2"]}  # fmt: skip

@@ -162,6 +162,7 @@ def run_one(
             f"trainer.max_steps={settings['steps']}",
             f"data.train_subset={settings['train_subset']}",
             f"data.eval_subset={settings['eval_subset']}",
+            "data.val_split=0",  # the table's protocol: the whole subset trains, val/* is test
             "trainer.log_every_n_steps=1", "trainer.progress=false", f"hydra.run.dir={run}",
             *extra,
         ]  # fmt: skip

@@ -299,6 +299,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def same(a: Any, b: Any) -> bool:
+    """Two config values are equal as config_diff compares them (1 == 1.0, true is not 1)."""
+    return _same(a, b)
+
+
 def _under(key: str, prefixes: Collection[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun import cluster, dist, rundir, sweep, threads, validate
+from dlrun import cluster, dist, resume, rundir, sweep, threads, validate
 from dlrun.compose import CONFIG_DIR
 from dlrun.errors import UserError
 from dlrun.messages import error_line
@@ -199,6 +199,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     trainer = None
     try:
         run_dir = _latest(cfg, run_dir, dict(hc.runtime.choices))
+        if cfg.resume not in (False, None):  # the run's saved values, not today's defaults
+            resume.continue_config(cfg, run_dir, list(hc.overrides.task), hc.runtime.choices)
         trainer = build_trainer(cfg, run_dir, dict(hc.runtime.choices))
         metrics = _run_mode(trainer, cfg, run_dir, commit)
     except Interrupted as err:  # a stop signal: the checkpoint is written; a sweep stops too
@@ -239,6 +241,9 @@ def main() -> None:
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     dist.init_from_env()  # torchrun: before Hydra, so that rank 0 names the one run folder
+    # resume=true hydra.run.dir=RUN: Hydra composes RUN's own config groups (model=, sched= ...),
+    # not the defaults, and records them again in RUN/.hydra/ (dlrun.resume).
+    sys.argv = [sys.argv[0], *resume.command_with_run(sys.argv[1:])]
     try:
         _hydra_main()
         dist.shutdown()

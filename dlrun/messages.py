@@ -12,8 +12,12 @@ from omegaconf import OmegaConf
 
 from dlrun.compose import composed
 
-# Keys that moved: the old name on the command line ends in one line naming the new one.
+# What moved: the one migration table. An old key on the command line ends in one line naming
+# the new one (renamed_key); resume=true reads a run saved under old keys or `_target_`s under
+# today's (migrate, dlrun.resume), so a move is never a difference to that run. A renamed node
+# renames every key under it.
 RENAMED = {"model.freeze": "freeze", "metrics.every_n_epochs": "trainer.val_every_n_epochs"}
+MOVED_TARGETS: dict[str, str] = {}  # an old `_target_` path -> today's (none has moved yet)
 UNKNOWN_OPTION = re.compile(r"Could not find '((?:[^'/]+/)*[^'/]+)/([^'/]+)'")
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'\.?")
 
@@ -28,6 +32,26 @@ def renamed_key(args: Sequence[str]) -> str | None:
                 f"{arg.split('=', 1)[1] if '=' in arg else 'VALUE'} (see the README's migration notes)."
             )
     return None
+
+
+def new_name(key: str) -> str:
+    """A dotted key under today's name (RENAMED: the key itself, or a node above it)."""
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return key
+
+
+def migrate(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's dotted keys (checkpoint.flatten) under today's names, with today's
+    `_target_` paths; a key saved under both names keeps today's value."""
+    out: dict[str, Any] = {}
+    for key in sorted(flat, key=lambda k: new_name(k) != k):  # today's names first
+        value = flat[key]
+        if key.rsplit(".", 1)[-1] == "_target_" and isinstance(value, str):
+            value = MOVED_TARGETS.get(value, value)
+        out.setdefault(new_name(key), value)
+    return out
 
 
 def error_line(err: BaseException, args: Sequence[str]) -> str:

@@ -1,6 +1,6 @@
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -106,6 +106,20 @@ def make_cfg(data_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
         if any(o.startswith("data=cifar10") or o.startswith("data=imagefolder") for o in overrides):
             base.append(f"data.source.cache_dir={tmp_path / 'cache'}")
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("train", overrides=base + list(overrides))
+            return train_on_all(compose("train", overrides=base + list(overrides)), overrides)
 
     return make
+
+
+def train_on_all(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """The fake data sets are tiny (100-200 training images) and most tests pin their sizes,
+    steps and val == test scores: they train on every image (data.val_split=0), unless the test
+    or its experiment chooses a split. tests/test_holdout.py runs the default, 0.1."""
+    default = DATA_VAL_SPLIT_DEFAULT
+    chosen = any("data.val_split" in o for o in overrides)
+    if not chosen and cfg.get("data") is not None and cfg.data.get("val_split") == default:
+        cfg.data.val_split = 0
+    return cfg
+
+
+DATA_VAL_SPLIT_DEFAULT = 0.1  # configs/data/{mnist,cifar10,...}.yaml

@@ -319,21 +319,21 @@ def test_pairs_and_triplets_come_from_any_labelled_image_set(
             tmp_path / loss,
         )  # fmt: skip
         assert metrics["step"] == 2 and 0.5 <= metrics["val/verify_acc"] <= 1
-        # data.val_split=0 (every data set's default): the threshold's pairs are training images
+        # data.val_split's default (0.1): the threshold's pairs are held-out training images
         assert metrics["test/threshold"] == metrics["val/threshold"]
         assert {"test/verify_acc", "test/roc_auc", "test/knn_acc"} <= set(metrics)
 
 
 # ----- the protocol: the threshold is never fitted on test pairs --------------------------------
 LEARNS = ("model=siamese", *TINY, "data.batch_size=20", "data.verify_pairs=200",
-          "trainer.max_epochs=2")  # fmt: skip
+          "trainer.max_epochs=2", "data.val_split=0")  # fmt: skip
 
 
 def test_without_val_split_the_threshold_is_fitted_on_held_out_training_images(
     make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="dlrun.trainers.metric"):
-        trainer = build_trainer(make_cfg(*LEARNS), tmp_path / "built")  # data.val_split=0
+        trainer = build_trainer(make_cfg(*LEARNS), tmp_path / "built")
     said = [r.getMessage() for r in caplog.records if "verification threshold" in r.getMessage()]
     # 10% of the 200 fake training images is 20, less than 1,000: at most half, 100, are held out
     assert len(said) == 1 and "100 training images" in said[0], said

@@ -242,6 +242,14 @@ class UnpairedData(DeviceGenerators):
             },
             "val_is_test": True,
             "holdout": False,  # no data.val_split: the test sets are where CycleGAN is scored
+            # A monitor set on it warns; the fix is no selection (the authors' protocol), or
+            # test folders of images taken out of training.
+            "holdout_hint": (
+                f"{self.name} has no validation split",
+                "trainer.monitor=null to train for a fixed length with no selection (the "
+                "CycleGAN authors' protocol), or data=unpaired_folder data.root=DIR whose testA "
+                "and testB hold images taken out of trainA and trainB,",
+            ),
         }
 
     def _normalize(

@@ -134,6 +134,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
         return {"model": self.model}
 
     frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
+    # Score the test split at the end when val/* is held out of training (`_score_test_split`).
+    scores_test_at_end: bool = False
     # Optimizers that re-evaluate the loss (L-BFGS) need a task that steps through a closure.
     takes_closures: bool = False
 
@@ -287,12 +289,28 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
                     cut = self.last_eval_step != self.step_count and due
                     if self.stop.received and (not self.finished() or cut):
                         self._stop_now(mid_epoch=False)
+                self._score_test_split()
             except torch.OutOfMemoryError:
                 raise self._out_of_memory() from None
         if self.writer is not None:
             self.log_end(self.writer)
             self.writer.close()
         return self.write_metrics()
+
+    def _score_test_split(self) -> None:
+        """With validation images held out of training, the test split is scored once, by the
+        final weights, at the end (test/*): the number to report, selected on nothing. Every
+        rank takes part (evaluations reduce over ranks); a resumed finished run scores it again."""
+        if not self.scores_test_at_end or self.data.describe().get("val_is_test", True):
+            return
+        self.phase = "eval"
+        metrics = self.evaluate(self.data.test_loader(), "test")
+        self.phase = "train"
+        self._log(metrics)
+        if self.writer is not None:
+            self.log_evaluation(self.writer, "test")
+        shown = [f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1]
+        log.info("test split, final weights: %s", ", ".join(shown))
 
     def finished(self) -> bool:
         return (

@@ -22,6 +22,7 @@ class ClassificationTrainer(ClassifyModes, Trainer):
     """Trains `model(image) -> logits` against integer labels."""
 
     modes = ("train", "eval", "predict", "export")
+    scores_test_at_end = True  # data.val_split > 0: test/* at the end, by the final weights
 
     def __init__(self, *, loss: Objective, tta: str = "none", **kwargs: Any) -> None:
         if getattr(kwargs.get("model"), "embedding_dim", None) is not None:

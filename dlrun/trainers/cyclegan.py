@@ -179,8 +179,10 @@ class CycleGANTrainer(Trainer):
         # Discriminators: real against pooled fakes. Real and fake go through each network as one
         # batch: instance norm is per image, so this equals two calls and runs faster.
         aug = self.data.generators()["aug"]
-        fake_b = self.layout(self.pools["b"].query(out["fake_b"], aug).to(real_b.dtype))
-        fake_a = self.layout(self.pools["a"].query(out["fake_a"], aug).to(real_a.dtype))
+        # Detached: the generators' graph is spent (and pool_size=0 returns the fakes as given).
+        fake_b = self.pools["b"].query(out["fake_b"].detach(), aug).to(real_b.dtype)
+        fake_a = self.pools["a"].query(out["fake_a"].detach(), aug).to(real_a.dtype)
+        fake_b, fake_a = self.layout(fake_b), self.layout(fake_a)
         with self.autocast():
             pred_b, pred_a = discs(torch.cat([real_b, fake_b]), torch.cat([real_a, fake_a]))
             pred_b, pred_a = pred_b.float(), pred_a.float()

@@ -20,6 +20,7 @@ class KNNTrainer(ClassificationTrainer):
         self.epoch = 1
         self._validate()
         self._save_checkpoints()
+        self._score_test_split()
         if self.writer is not None:
             self.writer.close()
         return self.write_metrics()

@@ -44,6 +44,7 @@ class MetricTrainer(Trainer):
 
     modes = ("train", "eval", "embed", "verify")
     default_monitor = "val/verify_acc"
+    scores_test_at_end = True  # the threshold of the validation pairs, on the test pairs
 
     def __init__(
         self, *, loss: Any, knn_k: int = 5, projector_n: int = 2000, **kwargs: Any
@@ -237,10 +238,6 @@ class MetricTrainer(Trainer):
         writer.add_image("val/pairs", make_grid(grid, nrow=8), 0)
 
     def log_end(self, writer: SummaryWriter) -> None:
-        if not self.data.describe()[
-            "val_is_test"
-        ]:  # the threshold of the validation pairs, on test
-            self._log(self.evaluate(self.data.test_loader(), "test"))
         n = min(self.projector_n, self.data.describe()["sizes"]["test"])
         if n < 1:
             return

@@ -65,6 +65,7 @@ class SegmentationTrainer(Trainer):
     modes = ("train", "eval", "predict")
     data_kinds = ("segmentation", "detection")
     default_monitor = "val/miou"
+    scores_test_at_end = True  # data.val_scenes > 0 (the default): test/* by the final weights
 
     def __init__(self, *, loss: Any, **kwargs: Any) -> None:
         if not isinstance(loss, SegObjective):

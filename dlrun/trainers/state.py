@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from dlrun import checkpoint, dist, threads
+from dlrun import checkpoint, dist, messages, threads
 from dlrun.errors import UserError, WriteFailed
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ RESUMABLE_CHANGES = (
     "export",
     "eval.weights",
 )
-# Keys that later versions of dlrun added, with the value that leaves a run as it was: a run
-# saved before a key existed resumes as long as the key stays at that value.
+# Keys that later versions of dlrun added, with the value that leaves a run as it was: a run saved
+# before a key existed continues with that value (dlrun.resume), and refuses another one.
 NEUTRAL = {
     "trainer.ema.decay": None, "trainer.ema.warmup": True, "trainer.save_top_k": None,
     "trainer.profile": None, "trainer.deterministic": False, "data.mixup": 0.0,
@@ -272,16 +272,22 @@ class ResumableRun:
         log.info("resumed from %s at step %d (%s)", path, self.step_count, where)
 
     def _refuse_changes(self, saved: Mapping[str, Any], source: Path) -> None:
-        """resume=true must continue the same run: name every setting that differs from it."""
-        changed = checkpoint.config_diff(saved, self.config, RESUMABLE_CHANGES)
+        """resume=true must continue the same run: name every setting that differs from it.
+
+        The last check: through `dlrun`, dlrun.resume has given every key the run had its value
+        back and refused an override that contradicts it. Compared under today's names (a moved
+        key is no difference); a key on one side only was added since (no difference, unless
+        NEUTRAL knows the run's value) or no longer exists.
+        """
+        was = messages.migrate(checkpoint.flatten(saved))
+        was = {k: v for k, v in NEUTRAL.items() if k not in was} | was
         now = checkpoint.flatten(self.config)
-        changed = [  # a key the run predates, left at its neutral value, changes nothing
-            k for k in changed
-            if not (k in NEUTRAL and k not in checkpoint.flatten(saved) and now.get(k) == NEUTRAL[k])
-        ]  # fmt: skip
+        changed = [
+            k for k in checkpoint.config_diff(was, now, RESUMABLE_CHANGES) if k in was and k in now
+        ]
         if not changed:
             return
-        shown = "; ".join(checkpoint.describe_diff(saved, self.config, changed[:6], ("run", "now")))
+        shown = "; ".join(checkpoint.describe_diff(was, now, changed[:6], ("run", "now")))
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(
             f"resume=true continues the run in {self.run_dir} as it was configured, but "

@@ -1,0 +1,81 @@
+"""The evaluation protocol: nothing selects on the test split unless the user asks for it.
+
+Every data set that can hold validation images out of training does so by default, every recipe
+that selects (best.pt, early stopping, a sweep's objective) selects on held-out images, and a run
+with the defaults reports the test split once, at the end, by its final weights.
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from dlrun.cli import CONFIG_DIR, run
+from tests.test_monitor import LINEAR, scalars, warnings_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIGS = Path(CONFIG_DIR)
+# Data sets that cannot hold out: style transfer's two images; CycleGAN's unpaired domains, whose
+# recipe selects nothing (trainer.monitor: null). Each has its reason in its own config.
+NO_HOLDOUT = {"style_images", "horse2zebra", "unpaired_folder"}
+
+
+def composed(*overrides: str) -> DictConfig:
+    """The config as a user gets it (no test-harness defaults)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def holds_out(cfg: DictConfig) -> bool:
+    data = cfg.data
+    if cfg.trainer._target_.endswith("MetricTrainer"):
+        return True  # it holds 10% out itself without data.val_split (tests/test_metric.py)
+    return bool(data.get("val_split") or data.get("val_scenes"))
+
+
+@pytest.mark.parametrize("data", sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml")))
+def test_every_data_set_that_can_hold_out_does_by_default(data: str) -> None:
+    cfg = composed(f"data={data}")
+    if data in NO_HOLDOUT:
+        assert "val_split" not in cfg.data and "val_scenes" not in cfg.data
+    else:
+        assert holds_out(cfg), f"data={data} selects on its test split by default"
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [f"experiment={p.stem}" for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
+    + [f"hparams_search={p.stem}" for p in sorted((CONFIGS / "hparams_search").glob("*.yaml"))]
+    + ["model=cyclegan"],
+)
+def test_every_recipe_that_selects_selects_on_held_out_images(recipe: str) -> None:
+    cfg = composed(recipe)
+    if cfg.trainer.monitor is None:  # a fixed length: nothing selected, scored on the test split
+        assert cfg.trainer.early_stopping.patience is None
+        return
+    assert holds_out(cfg), f"{recipe} selects on trainer.monitor={cfg.trainer.monitor} on test"
+
+
+def test_a_run_with_the_defaults_selects_on_held_out_images_and_scores_test_at_the_end(
+    make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = (*LINEAR, "trainer.max_epochs=2", "data.val_split=0.1")  # the configs' default
+    assert composed("data=mnist").data.val_split == 0.1
+    with caplog.at_level(logging.INFO):
+        metrics = run(make_cfg(*keys), tmp_path / "run")
+    assert warnings_of(caplog) == []  # no selection on the test split, no warning
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert "180 train, 20 val (held-out train split), 100 test images" in log
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    # test/* at the end is the final weights' score on the test split: what mode=eval of
+    # last.pt gives, and not the validation score.
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    scored = run(make_cfg(*keys, "mode=eval", f"ckpt={ckpt}"), tmp_path / "eval")
+    assert metrics["test/acc"] == scored["test/acc"] and metrics["test/loss"] == scored["test/loss"]
+    assert "test split, final weights: test/loss=" in log
+    # It is logged once, at the last step, beside the two validations.
+    logged = scalars(tmp_path / "run")
+    assert [step for step, _ in logged["test/acc"]] == [metrics["step"]]
+    assert len(logged["val/acc"]) == 2
