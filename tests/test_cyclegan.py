@@ -1,17 +1,19 @@
 """CycleGAN: the authors' parameter counts, the image pool, the schedule, training, exact resume,
 the domain classifier's scores, mode=translate, and the mistakes a user can make."""
 
+import copy
 import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from dlrun.cli import run
+from dlrun.cli import Failed, build_trainer, run
 from dlrun.errors import UserError
 from dlrun.models.cyclegan import CycleGAN, NLayerDiscriminator, ResnetGenerator
 from dlrun.sched import linear_decay
@@ -172,6 +174,127 @@ def test_without_identity_loss_there_is_no_idt(h2z_cfg, tmp_path: Path) -> None:
     assert "train/idt_A" not in metrics and "train/cycle_A" in metrics
 
 
+# ----- one step and the domain score, computed independently ---------------------------------
+def first_step(h2z_cfg, tmp_path: Path, *overrides: str):
+    """A built trainer (no pool: each discriminator sees this step's fakes), its first batch, and
+    a copy of the networks as they were before any step."""
+    trainer = build_trainer(h2z_cfg(*TINY, "trainer.pool_size=0", *overrides), tmp_path)
+    trainer.train_mode()
+    batch = next(iter(trainer.train_loader().iterate(None)))
+    return trainer, batch, copy.deepcopy(trainer.gan)
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lam", "lam_idt"),
+    [((), 10.0, 5.0), (("trainer.lambda_cycle=3", "trainer.lambda_identity=0.25"), 3.0, 0.75)],
+)
+def test_one_step_weighs_each_loss_as_the_paper(
+    h2z_cfg, tmp_path: Path, overrides: tuple[str, ...], lam: float, lam_idt: float
+) -> None:
+    """LSGAN, G_A: A -> B judged by D_A. Cycle losses lambda x L1, identity losses
+    lambda_identity x lambda x L1 (the default: 0.5 x 10), each discriminator's loss halved:
+    the logged losses and the gradients each optimizer stepped on, from the formulas."""
+    trainer, batch, net = first_step(h2z_cfg, tmp_path, *overrides)
+    a, b = batch["image_a"], batch["image_b"]
+    g_a, g_b = net.generators.g_a, net.generators.g_b
+    d_a, d_b = net.discriminators.d_a, net.discriminators.d_b
+
+    def mse(x: torch.Tensor, target: float) -> torch.Tensor:
+        return (x - target).pow(2).mean()
+
+    def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y).abs().mean()
+
+    fake_b, fake_a = g_a(a), g_b(b)
+    g_losses = {
+        "G_A": mse(d_a(fake_b), 1), "G_B": mse(d_b(fake_a), 1),
+        "cycle_A": lam * l1(g_b(fake_b), a), "cycle_B": lam * l1(g_a(fake_a), b),
+        "idt_A": lam_idt * l1(g_a(b), b), "idt_B": lam_idt * l1(g_b(a), a),
+    }  # fmt: skip
+    d_losses = {
+        "D_A": 0.5 * (mse(d_a(b), 1) + mse(d_a(fake_b.detach()), 0)),
+        "D_B": 0.5 * (mse(d_b(a), 1) + mse(d_b(fake_a.detach()), 0)),
+    }
+    want_g = flat(torch.autograd.grad(sum(g_losses.values()), list(net.generators.parameters())))
+    want_d = flat(
+        torch.autograd.grad(sum(d_losses.values()), list(net.discriminators.parameters()))
+    )
+    out = trainer.step(batch)
+    logged = {k: (total / n).item() for k, (total, n) in out.items()}
+    assert logged == pytest.approx(
+        {k: v.item() for k, v in (g_losses | d_losses).items()}, rel=1e-4
+    )
+    # Each role's gradients are still those of its own step (zeroed only before the next one).
+    got_g = flat(p.grad for p in trainer.gan.generators.parameters())
+    got_d = flat(p.grad for p in trainer.gan.discriminators.parameters())
+    assert (got_g - want_g).norm() <= 1e-4 * want_g.norm()
+    assert (got_d - want_d).norm() <= 1e-4 * want_d.norm()
+
+
+def test_each_step_trains_only_its_own_networks(h2z_cfg, tmp_path: Path) -> None:
+    """The generator step leaves the discriminators' gradients as they were (they judge, frozen),
+    and the discriminator step the generators' (the fakes come detached)."""
+    trainer, batch, _ = first_step(h2z_cfg, tmp_path)
+    nets = {"generators": trainer.gan.generators, "discriminators": trainer.gan.discriminators}
+    optimize, changed = trainer.optimize, []
+
+    def grads(module: torch.nn.Module) -> list:
+        return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+    def same(x: list, y: list) -> bool:
+        return all(
+            (u is None and v is None) or (u is not None and v is not None and torch.equal(u, v))
+            for u, v in zip(x, y, strict=True)
+        )
+
+    def watched(loss: torch.Tensor, role: str = "model") -> None:
+        before = {r: grads(m) for r, m in nets.items()}
+        optimize(loss, role)
+        changed.append((role, [r for r, m in nets.items() if not same(before[r], grads(m))]))
+
+    trainer.optimize = watched
+    for _ in range(2):  # the second: the discriminators hold the first step's gradients
+        trainer.step(batch)
+    assert changed == [("generators", ["generators"]), ("discriminators", ["discriminators"])] * 2
+    assert all(p.requires_grad for p in trainer.gan.discriminators.parameters())  # unfrozen after
+
+
+class ColourJudge:
+    """A stand-in domain classifier: label 0 (domain A) for reddish images, 1 (B) for bluish
+    ones, as data=horse2zebra_domains labels trainA 0 and trainB 1; grey ties go to B."""
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        red, blue = images[:, 0].mean((1, 2)), images[:, 2].mean((1, 2))
+        return torch.stack([red - blue, blue - red + 1e-3], 1).cpu()
+
+
+def test_the_domain_score_judges_a_translation_a_to_b_as_b(
+    h2z_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """G_A turns every reddish A test image blue (each now a B: AtoB 1); G_B turns only the last
+    of the bluish B test images red (1 of 4 an A: BtoA 0.25). Test sets: 3 A, 4 B (one grey)."""
+    trainer = build_trainer(h2z_cfg(*TINY), tmp_path)
+    trainer.domain = ColourJudge()  # type: ignore[assignment]
+
+    def translate(images: torch.Tensor, direction: str = "AtoB", batch: int = 50) -> torch.Tensor:
+        out = images.clone()
+        turned = slice(None) if direction == "AtoB" else slice(-1, None)
+        out[turned] = images[turned].flip(1)  # RGB -> BGR: red <-> blue
+        return out
+
+    monkeypatch.setattr(trainer, "translate", translate)
+    metrics = trainer.evaluate(None, "val")
+    assert metrics["val/domain_transfer_AtoB"] == 1.0
+    assert metrics["val/domain_transfer_BtoA"] == 0.25
+    assert metrics["val/domain_transfer"] == 0.625
+    assert metrics["val/domain_acc"] == 1.0  # the real test images: A as A, B (grey too) as B
+    assert metrics["val/domain_acc_grey"] == pytest.approx(4 / 7)  # all grey: all taken for B
+
+
 class Stop(Exception):
     pass
 
@@ -222,9 +345,11 @@ def domain_ckpt(h2z_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out / "checkpoints" / "last.pt"
 
 
-def test_domain_classifier_scores_translations_and_is_the_offline_monitor(
+def test_domain_classifier_scores_translations_and_selects_nothing_by_default(
     h2z_cfg, domain_ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The authors' protocol: a fixed length, no best.pt (horse2zebra has no validation split);
+    a monitor set anyway selects on the test images, and the warning says what to do instead."""
     metrics = run(
         h2z_cfg(*TINY, "trainer.max_steps=3", f"metrics.domain.ckpt={domain_ckpt}"), tmp_path
     )
@@ -234,24 +359,58 @@ def test_domain_classifier_scores_translations_and_is_the_offline_monitor(
     assert metrics["val/domain_transfer"] == pytest.approx(
         (metrics["val/domain_transfer_AtoB"] + metrics["val/domain_transfer_BtoA"]) / 2
     )
-    assert (tmp_path / "checkpoints" / "best.pt").is_file()  # the monitor: domain_transfer, max
-    assert "val_split" not in caplog.text  # no advice to hold out what an unpaired set cannot
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()  # trainer.monitor: null
+    assert "test split" not in caplog.text
     hparams = json.loads((tmp_path / "metrics.json").read_text())
     assert "val/domain_acc_grey" in hparams
+    caplog.clear()
+    selected = tmp_path / "selected"
+    run(h2z_cfg(*TINY, "trainer.max_steps=3", f"metrics.domain.ckpt={domain_ckpt}",
+                "trainer.monitor=val/domain_transfer"), selected)  # fmt: skip
+    assert (selected / "checkpoints" / "best.pt").is_file()
+    warnings = [r.getMessage() for r in caplog.records if "test split" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, though it evaluated at the end only here
+    assert warnings[0].startswith(
+        "val/domain_transfer is measured on the test split (horse2zebra has no validation split)"
+    )
+    assert "Set trainer.monitor=null to train for a fixed length" in warnings[0]
+    assert "val_split" not in warnings[0]  # no advice to set what an unpaired set lacks
+
+
+def test_the_recipe_sets_no_monitor_and_a_search_needs_one(h2z_cfg) -> None:
+    """trainer.monitor=null: a sweep over CycleGAN names its objective, or is refused at once."""
+    from hydra_plugins.dlrun_optuna_sweeper.dlrun_optuna_sweeper import (
+        DlrunOptunaSweeper,
+        monitor_direction,
+    )
+
+    cfg = h2z_cfg("model=cyclegan", "data=horse2zebra")
+    assert cfg.trainer.monitor is None and cfg.trainer.monitor_mode == "auto"
+    sweeper = object.__new__(DlrunOptunaSweeper)  # its settings only: no Optuna study
+    sweeper.sweeper = SimpleNamespace(direction="minimize")
+    with pytest.raises(Failed, match="trainer.monitor is null, so the trials return nothing"):
+        sweeper.check(cfg)
+    fid = h2z_cfg("model=cyclegan", "data=horse2zebra", "trainer.monitor=val/fid")
+    assert monitor_direction(fid) == ("val/fid", "minimize")
+    sweeper.check(fid)  # accepted
+    domain = h2z_cfg("model=cyclegan", "data=horse2zebra", "trainer.monitor=val/domain_transfer")
+    assert monitor_direction(domain) == ("val/domain_transfer", "maximize")
 
 
 def test_fid_and_kid_of_both_directions_on_a_tf_inception_weights_file(
     h2z_cfg, tf_inception_weights: Path, tmp_path: Path, one_thread: None
 ) -> None:
     """metrics.fid.weights=PATH (random weights here, loaded as the real ones are)."""
-    cfg = h2z_cfg(*TINY, "trainer.max_steps=2", f"metrics.fid.weights={tf_inception_weights}")
+    cfg = h2z_cfg(*TINY, "trainer.max_steps=2", f"metrics.fid.weights={tf_inception_weights}",
+                  "trainer.monitor=val/fid")  # fmt: skip
     metrics = run(cfg, tmp_path)
     for m in ("fid", "kid"):
         parts = metrics[f"val/{m}_AtoB"], metrics[f"val/{m}_BtoA"]
         assert all(v == v for v in parts)  # not NaN
         assert metrics[f"val/{m}"] == pytest.approx(sum(parts) / 2)
     assert metrics["val/fid_AtoB"] >= 0
-    assert (tmp_path / "checkpoints" / "best.pt").is_file()  # the monitor: val/fid, min
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()  # trainer.monitor=val/fid, min
     with pytest.raises(UserError, match="metrics.fid.weights"):  # named, so not optional
         run(h2z_cfg(*TINY, f"metrics.fid.weights={tmp_path / 'missing.pth'}"), tmp_path / "b")
 

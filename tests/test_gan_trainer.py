@@ -1,11 +1,14 @@
 """The GAN trainer: every model x loss trains a few steps, resume is exact, sample mode, errors."""
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from dlrun.cli import run
@@ -136,10 +139,83 @@ def test_fid_classifier_of_other_data_is_a_user_error(
         run(cfg, tmp_path)
 
 
-def test_metrics_json_of_a_gan_run(make_cfg, classifier: Path, tmp_path: Path) -> None:
-    run(gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=2"), tmp_path)
+def test_metrics_json_of_a_gan_run(
+    make_cfg, classifier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every value of metrics.json from what the run computed on: the discriminator's logits
+    (recorded at the loss), the classifier's features and labels (recorded at the metrics),
+    each put through its formula here. Nonsaturating loss; 2 steps of 50 of the 200 images."""
+    from dlrun import gan_losses
+    from dlrun import metrics as metrics_lib
+
+    seen: dict[str, list] = {"d": [], "g": [], "fid": [], "kid": [], "labels": []}
+    d_loss, g_loss = gan_losses.GAN_LOSSES["nonsaturating"]
+
+    def recorded(name: str, fn: Callable) -> Callable:
+        def call(*args: object, **kwargs: object) -> object:
+            seen[name].append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setitem(
+        gan_losses.GAN_LOSSES, "nonsaturating", (recorded("d", d_loss), recorded("g", g_loss))
+    )
+    for name, fn in (("fid", "fid_from_features"), ("kid", "kid_from_features"),
+                     ("labels", "mode_coverage")):  # fmt: skip
+        monkeypatch.setattr(metrics_lib, fn, recorded(name, getattr(metrics_lib, fn)))
+    cfg = gan_cfg(make_cfg, classifier, "model=gan", "trainer.max_steps=2")
+    returned = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["params"] > 0 and saved["step"] == 2 and "val/fid_classifier" in saved
+    assert saved == pytest.approx(returned)
+    # Steps: 2 of the config's max_steps, each one D and one G update, in epoch 1 (4 steps long).
+    assert saved["step"] == 2 and saved["epoch"] == 1
+    assert len(seen["d"]) == len(seen["g"]) == 2
+    assert saved["params"] == sum(p.numel() for p in instantiate(cfg.model).parameters())
+    assert saved["train/lr"] == pytest.approx(cfg.optim.lr)  # sched=none
+    # Losses: the window's mean of each step's -mean log D(x) - mean log(1 - D(G(z))), with
+    # log sigmoid(t) = -softplus(-t); D(x) and D(G(z)) the mean probabilities.
+    softplus = torch.nn.functional.softplus
+    real, fake = (torch.stack([step[i] for step in seen["d"]]) for i in (0, 1))
+    g_fake = torch.stack([step[0] for step in seen["g"]])
+    assert real.shape == fake.shape == g_fake.shape == (2, 50)  # a logit per image, 50 a batch
+    loss_d = (softplus(-real).mean(1) + softplus(fake).mean(1)).mean().item()
+    assert saved["train/loss_d"] == pytest.approx(loss_d, rel=1e-5)
+    assert saved["train/loss_g"] == pytest.approx(softplus(-g_fake).mean().item(), rel=1e-5)
+    assert saved["train/d_x"] == pytest.approx(torch.sigmoid(real).mean().item(), rel=1e-5)
+    assert saved["train/d_g_z"] == pytest.approx(torch.sigmoid(fake).mean().item(), rel=1e-5)
+    # Two steps from the initialisation: a near-chance D (2 ln 2 and ln 2 at D = 1/2), and by
+    # Jensen, -log of the mean probabilities bounds the mean of the logs from below.
+    assert abs(saved["train/loss_d"] - 2 * math.log(2)) < 0.3
+    assert abs(saved["train/loss_g"] - math.log(2)) < 0.3
+    assert 0.3 < saved["train/d_g_z"] < saved["train/d_x"] < 0.7
+    bound = -math.log(saved["train/d_x"]) - math.log(1 - saved["train/d_g_z"])
+    assert bound <= saved["train/loss_d"] < bound + 0.05
+    # FID, KID and mode coverage of the 100 samples (metrics.n) against the real images.
+    ((fake_f, real_f),) = (step[:2] for step in seen["fid"])
+    assert fake_f.shape[0] == 100 and fake_f.shape[1] == real_f.shape[1]
+    x, y = fake_f.double().numpy(), real_f.double().numpy()
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    fid = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(cov_x + cov_y)
+    # tr (S_x S_y)^1/2: the product's eigenvalues are those of a PSD matrix (real, >= 0).
+    fid -= 2 * np.sqrt(np.linalg.eigvals(cov_x @ cov_y).real.clip(0)).sum()
+    assert saved["val/fid_classifier"] == pytest.approx(fid, rel=1e-3)
+    assert saved["val/fid_classifier"] > 0.1  # 2-step samples are not the real digits
+    # KID: unbiased MMD^2 of the cubic kernel over 10 subsets of min(1000, |x|, |y|), drawn as
+    # the run draws them (seed 0), each kernel mean leaving out k(x_i, x_i).
+    m, draw, kid = min(1000, len(x), len(y)), torch.Generator().manual_seed(0), 0.0
+    for _ in range(10):
+        xs = x[torch.randperm(len(x), generator=draw)[:m].numpy()]
+        ys = y[torch.randperm(len(y), generator=draw)[:m].numpy()]
+        kxx, kyy, kxy = ((a @ b.T / x.shape[1] + 1) ** 3 for a, b in ((xs, xs), (ys, ys), (xs, ys)))
+        kid += (kxx[~np.eye(m, dtype=bool)].mean() + kyy[~np.eye(m, dtype=bool)].mean()) / 10
+        kid -= 2 * kxy.mean() / 10
+    assert saved["val/kid_classifier"] == pytest.approx(kid, rel=1e-6, abs=1e-9)
+    ((labels, classes),) = (step[:2] for step in seen["labels"])
+    counts = np.bincount(labels.numpy(), minlength=classes) / len(labels)
+    entropy = -sum(c * math.log(c) for c in counts if c > 0)
+    assert saved["val/mode_coverage"] == pytest.approx((counts > 0).sum() / 10)
+    assert saved["val/mode_evenness"] == pytest.approx(entropy / math.log(10), abs=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dlrun.cli import run
 from dlrun.sweep import job_folder, job_folders
@@ -43,15 +44,24 @@ def dlrun(*args: str, data: Path, cwd: Path, env: dict | None = None) -> subproc
     )  # fmt: skip
 
 
-def job_pid() -> int | None:
-    """The process submitit's local executor runs the job in (python -m submitit.core._submit)."""
+def job_pid(sweep: Path) -> int | None:
+    """The process submitit's local executor runs this sweep's job in: `python -u -m
+    submitit.core._submit <sweep>/.submitit/%j` (another session's jobs name other folders)."""
+    folder = str(sweep / ".submitit" / "%j").encode()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"submitit.core._submit" in cmdline.read_bytes():
-                return int(cmdline.parent.name)
+            argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
+        if argv[1:5] == [b"-u", b"-m", b"submitit.core._submit", folder]:
+            return int(cmdline.parent.name)
     return None
+
+
+def settings(overrides: list[str]) -> list[tuple[str, object]]:
+    """key=value overrides as (key, value) in order, values read as YAML (Hydra writes a false
+    it was given back as False, and quotes a path)."""
+    return [(k, yaml.safe_load(v)) for k, v in (o.split("=", 1) for o in overrides)]
 
 
 def test_the_slurm_launcher_config_reaches_sbatch(data: Path, tmp_path: Path):
@@ -91,8 +101,8 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_wa
     while not list(sweep.glob("0_*/events.out.tfevents.*")) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # mid-epoch 1
-    pid = job_pid()
-    assert pid is not None
+    pid = job_pid(sweep)
+    assert isinstance(pid, int) and pid not in (os.getpid(), proc.pid), pid  # the job, not dlrun
     os.kill(pid, signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -105,8 +115,15 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_where_it_wa
     assert 0 < resumed_at < 900
     assert (job / "metrics.json").is_file() and len(job_folders(sweep)) == 1
     pickled = next(sweep.glob(".submitit/*/*_submitted.pkl")).read_bytes()
-    assert b"resume=true" in pickled  # the requeued submission carries it
-    assert pickle.loads(pickled) is not None
+    # The requeued submission: dlrun's launcher called with this job's overrides, now ending in
+    # resume=true, and the sweep folder pinned (a requeue must not name a new ${now:} folder).
+    submission = pickle.loads(pickled)
+    assert type(submission.function).__name__ == "DlrunLocalLauncher"
+    overrides, key, number = submission.args[:3]
+    assert settings(overrides) == settings(
+        [*ARGS, f"hydra.sweep.dir={sweep.resolve()}", "resume=true"]
+    )
+    assert (key, number) == ("hydra.sweep.dir", 0)
     assert metrics_of(job) == metrics_of(tmp_path / "ref")
 
 

@@ -457,6 +457,10 @@ def test_describe_example_batch_and_eval_loaders(root: Path, cache: Path) -> Non
     desc = d.describe()
     assert desc["input_shape"] == (3, SIZE, SIZE) and desc["classes"] == ["horse", "zebra"]
     assert desc["num_classes"] == 2 and desc["val_is_test"] is True
+    # What the monitor's test-split warning advises: no selection, there is no validation split.
+    setting, fix = desc["holdout_hint"]
+    assert setting == "horse2zebra has no validation split"
+    assert fix.startswith("trainer.monitor=null to train for a fixed length")
     assert desc["sizes"] == {
         "train": N_B,
         "val": N_TEST_A,
