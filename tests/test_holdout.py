@@ -79,3 +79,23 @@ def test_a_run_with_the_defaults_selects_on_held_out_images_and_scores_test_at_t
     logged = scalars(tmp_path / "run")
     assert [step for step, _ in logged["test/acc"]] == [metrics["step"]]
     assert len(logged["val/acc"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [
+        (("data=mnist",), None),
+        (("data=mnist", "data.val_split=0"), "data.val_split is 0"),
+        (("model=siamese", "data.val_split=0"), None),  # it holds 10% out itself
+        (("model=yolo", "data=mnist_det"), None),
+        (("model=yolo", "data=mnist_det", "data.val_scenes=0"), "data.val_scenes is 0"),
+        (("model=cyclegan", "data=horse2zebra"), "horse2zebra has no validation split"),
+    ],
+)
+def test_a_search_warns_when_its_trials_score_the_test_split(
+    overrides: tuple[str, ...], hint: str | None
+) -> None:
+    from hydra_plugins.dlrun_optuna_sweeper.dlrun_optuna_sweeper import test_split_hint
+
+    said = test_split_hint(composed(*overrides))
+    assert (said[0] if said else None) == hint

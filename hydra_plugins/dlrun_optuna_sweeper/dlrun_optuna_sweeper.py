@@ -96,7 +96,8 @@ class DlrunOptunaSweeper(Sweeper):
         if monitor is None:
             raise user_error(
                 "trainer.monitor is null, so the trials return nothing to optimise: set "
-                "trainer.monitor (e.g. trainer.monitor=val/acc trainer.monitor_mode=max)."
+                "trainer.monitor (e.g. trainer.monitor=val/acc trainer.monitor_mode=max for a "
+                "classifier, trainer.monitor=val/fid for a GAN or CycleGAN)."
             )
         given = getattr(
             direction, "name", direction
@@ -108,12 +109,33 @@ class DlrunOptunaSweeper(Sweeper):
                 f"(trainer.monitor={monitor}): the search would seek its worst value. Set "
                 f"hydra.sweeper.direction={expected}, or trainer.monitor_mode to match."
             )
-        if not OmegaConf.select(config, "data.val_split", default=0):
+        on_test = test_split_hint(config)
+        if on_test:
             log.warning(
-                "data.val_split is 0: every trial is scored on the test split, which then no "
-                "longer measures the chosen hyperparameters fairly; set data.val_split=0.1 "
-                "(or a count) to score them on images held out of training."
-            )
+                "%s: every trial is scored on the test split, which then no longer measures the "
+                "chosen hyperparameters fairly; %s.", *on_test,
+            )  # fmt: skip
 
     def sweep(self, arguments: list[str]) -> None:
         return self.sweeper.sweep(arguments)
+
+
+def test_split_hint(config: DictConfig) -> tuple[str, str] | None:
+    """(why the trials score the test split, what to do) or None when they score held-out data.
+
+    Each kind of data holds out its own way: data.val_split (labelled image sets; metric
+    learning holds 10% out itself), data.val_scenes (detection and segmentation scenes); a set
+    with neither (CycleGAN's unpaired domains) has no validation split at all.
+    """
+    data = config.get("data") or {}
+    if "val_split" in data:
+        metric = str(OmegaConf.select(config, "trainer._target_", default="")).endswith("MetricTrainer")
+        if data.val_split or metric:
+            return None
+        return "data.val_split is 0", "set data.val_split=0.1 (or a count) to score them on images held out of training"
+    if "val_scenes" in data:
+        if data.val_scenes:
+            return None
+        return "data.val_scenes is 0", "set data.val_scenes=1000 to score them on scenes of held-out training digits"
+    name = data.get("name", "this data set")
+    return f"{name} has no validation split", "tune on a data set that holds images out (data=unpaired_folder with test folders cut from training)"
