@@ -1,6 +1,9 @@
-"""YOLO and Faster R-CNN on digit scenes: decoding, loss assignment, NMS, training, predict mode."""
+"""YOLO and Faster R-CNN on digit scenes: decoding, loss assignment, NMS, training, predict mode;
+mAP through the trainer's evaluation against an oracle, learning, and a mid-epoch resume."""
 
 import json
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -9,13 +12,19 @@ from torchvision.ops import box_iou
 
 from dlrun.anchors import kmeans_anchors
 from dlrun.cli import build_trainer, run
+from dlrun.data.base import Splits
+from dlrun.data.scene_data import SceneData
 from dlrun.detection_losses import DetectionObjective
 from dlrun.errors import UserError
 from dlrun.models.faster_rcnn import FasterRCNN
 from dlrun.models.yolo import YOLO
+from dlrun.trainers.detection import DetectionTrainer
 
+# Validation scenes of held-out training digits, as data=mnist_det makes them by default (the
+# fixture's 200 training digits: the last 50 for them).
 TINY = ("model=yolo", "data=mnist_det", "model.width=4", "data.train_scenes=40",
-        "data.test_scenes=12", "data.batch_size=8")  # fmt: skip
+        "data.test_scenes=12", "data.batch_size=8", "data.val_scenes=6",
+        "data.val_objects=50")  # fmt: skip
 RCNN = ("model=faster_rcnn", *TINY[1:], "model.width=4", "model.representation=16",
         "model.rpn_proposals=20", "model.box_batch_size=16")  # fmt: skip
 
@@ -59,6 +68,33 @@ def test_yolo_loss_makes_the_centre_cell_and_best_anchor_responsible() -> None:
     # With no boxes at all every prediction learns "no object" and nothing else.
     empty = net.loss(raw, box[:, 1:], labels[:, 1:])
     assert empty["box"] == 0 and empty["cls"] == 0 and empty["noobj"] > 0
+
+
+def test_yolo_ignore_rule_spares_other_predictions_on_a_true_box_of_their_own_image() -> None:
+    """YOLOv3's rule: a prediction that is not responsible but already overlaps a true box of its
+    image by IoU > ignore_iou (0.5) gets no "no object" penalty; the rest of them do."""
+    net = yolo()  # anchors 10 x 10 and 20 x 30, stride 8: an 8 x 8 grid
+    # Image 0: one box that fits anchor 1 at cell (row 2, column 3), centre (28, 20); image 1: none.
+    box = torch.tensor([[[18.0, 5.0, 38.0, 35.0]], [[0.0, 0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[2], [-1]])
+    raw = torch.zeros(2, 2, 8, 8, 8)  # every box anchor-sized at its cell's centre, objectness 0
+    # Anchor 1 at (2, 4) pulled 4 px left, centre x 32: [22, 5, 42, 35], IoU 480 / 720 = 0.67.
+    raw[:, 1, 2, 4, 0] = -30.0
+    raw.requires_grad_(True)
+    net.loss(raw, box, labels)["noobj"].backward()
+    grad = raw.grad[..., 4]
+    # Ignored in image 0: (2, 4) and, unmoved, (1, 3) and (3, 3) (8 px up or down: IoU 440 / 760);
+    # (2, 3) is the responsible one, which learns "object" instead.
+    spared = [(2, 4), (1, 3), (3, 3), (2, 3)]
+    assert [grad[0, 1, r, c].item() for r, c in spared] == [0.0] * 4
+    # Penalised: overlapping by IoU <= 0.5 (8 px left: 360 / 840 = 0.43; 16 px right: 0.11), the
+    # other anchor (100 / 600), and in image 1 the same boxes: image 0's box is not theirs.
+    assert grad[0, 1, 2, 2] > 0 and grad[0, 1, 2, 5] > 0 and grad[0, 0, 2, 3] > 0
+    assert all(grad[1, 1, r, c] > 0 for r, c in spared), grad[1, 1]
+    # BCE(0, "no object") = log 2 for each of the 2 * 2 * 8 * 8 - 4 others, times noobj_weight 0.5
+    # over the one true box.
+    expected = 0.5 * (2 * 2 * 8 * 8 - 4) * math.log(2)
+    assert net.loss(raw, box, labels)["noobj"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_yolo_nms_keeps_the_best_of_overlapping_boxes_per_class() -> None:
@@ -181,15 +217,150 @@ def test_user_mistakes_are_one_clear_error(
             build_trainer(make_cfg(*base, *keys), "unused")
 
 
+# ----- mAP through the trainer's evaluation: an oracle ------------------------------------------
+def oracle(data: SceneData, shift: float) -> object:
+    """YOLO.forward with the eval-mode answer of an oracle: each image is found among the scenes
+    of `data` (every split, normalised as the loaders give them) and its true boxes come back,
+    moved right and down by `shift` times their width and height. Train mode stays YOLO's own."""
+    batches = [data.example_batch(len(data.scenes[s].images), s) for s in ("train", "val", "test")]
+    images = torch.cat([b["image"] for b in batches]).flatten(1)
+    truths = [
+        {"boxes": box[lab >= 0], "labels": lab[lab >= 0]}  # its own reading of the padding
+        for b in batches
+        for box, lab in zip(b["boxes"], b["box_labels"], strict=True)
+    ]
+    real = YOLO.forward
+
+    def forward(self: YOLO, x: torch.Tensor, boxes=None, labels=None):  # noqa: ANN001, ANN202
+        if boxes is not None:
+            return real(self, x, boxes, labels)
+        out = []
+        for image in x.flatten(1):
+            if image.min() == image.max():  # the FLOP count's blank input: nothing there
+                out.append({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                            "labels": torch.zeros(0, dtype=torch.long)})  # fmt: skip
+                continue
+            gap = (images - image).abs().amax(1)
+            i = int(gap.argmin())
+            assert gap[i] < 1e-5, "the oracle was asked about an image of no split"
+            t = truths[i]
+            size = (t["boxes"][:, 2:] - t["boxes"][:, :2]).repeat(1, 2)
+            scores = 1.0 - 0.1 * torch.arange(len(t["labels"]), dtype=torch.float32)
+            out.append({"boxes": t["boxes"] + shift * size, "scores": scores,
+                        "labels": t["labels"]})  # fmt: skip
+        return out
+
+    return forward
+
+
+@pytest.mark.parametrize(("shift", "expected"), [(0.0, 1.0), (0.5, 0.0)])
+def test_the_trainer_scores_an_oracle_1_and_the_oracle_moved_by_half_a_box_0(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: float, expected: float
+) -> None:
+    """The whole path of a run's val/map_50: the trainer's detect and evaluate (the validation
+    scenes' truth, padding dropped) and detection_metrics. Moved by half its width and height,
+    a box keeps 1/4 of its area in the true one: IoU (1/4) / (7/4) = 1/7, below every threshold."""
+    data = build_trainer(make_cfg(*TINY), "unused").data  # the scenes the run will make
+    monkeypatch.setattr(YOLO, "forward", oracle(data, shift))
+    metrics = run(make_cfg(*TINY, "trainer.max_steps=1"), tmp_path)
+    assert metrics["val/map_50"] == expected and metrics["val/map"] == expected
+    val = data.scenes["val"]
+    assert len(val.images) == 6  # the held-out scenes, not the 12 test ones
+    per_image = (val.box_labels >= 0).sum().item() / 6
+    assert metrics["val/boxes_per_image"] == pytest.approx(per_image)
+
+
+# ----- learning: a handful of scenes overfitted ---------------------------------------------------
+def blocks(root: Path, download: bool) -> Splits:
+    """10 classes of 28 px objects (a `data.source` loader): a grey square, which is the box, with
+    a white 6 px dot at one of 9 places (class 9: none), so that the class survives any scale.
+    (The fixture's MNIST digits are 2 px bars: thinner than Faster R-CNN's stride-4 anchor rows.)"""
+    splits = []
+    for n in (40, 10):
+        labels = torch.arange(n) % 10
+        x = torch.full((n, 1, 28, 28), 140, dtype=torch.uint8)
+        for i, k in enumerate(labels.tolist()):
+            if k < 9:
+                r, c = 3 + 8 * (k // 3), 3 + 8 * (k % 3)
+                x[i, 0, r : r + 6, c : c + 6] = 255
+        splits += [x, labels]
+    return Splits(*splits, [str(k) for k in range(10)])
+
+
+LEARN = {  # detector, its settings, and the seconds the run may take
+    "yolo": (("model=yolo", "model.width=4", "optim.lr=0.02", "trainer.max_steps=60"), 30),
+    "faster_rcnn": (("model=faster_rcnn", "model.width=8", "model.representation=32",
+                     "model.box_batch_size=16", "optim.lr=0.01", "trainer.max_steps=100"), 60),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("detector", list(LEARN))
+def test_a_detector_overfits_a_handful_of_scenes(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detector: str
+) -> None:
+    """4 training scenes (2 to 4 objects each), one batch, scored by the run itself on the same
+    4 scenes: mAP@0.5 > 0.9 within the time limit (an untrained net scores about 0)."""
+    real = SceneData.setup
+
+    def validate_on_the_training_scenes(self: SceneData, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        real(self, *args, **kwargs)
+        self.scenes["val"] = self.scenes["train"]
+
+    monkeypatch.setattr(SceneData, "setup", validate_on_the_training_scenes)
+    keys, limit = LEARN[detector]
+    source = f"data.source={{_target_:{__name__}.blocks,_partial_:true}}"
+    start = time.perf_counter()
+    metrics = run(
+        make_cfg(*keys, "data=mnist_det", source, "data.train_scenes=4", "data.batch_size=4",
+                 "data.val_scenes=1", "data.val_objects=10", "data.test_scenes=1",
+                 "trainer.val_every_n_epochs=1000"),  # evaluated once, at the end
+        tmp_path,
+    )  # fmt: skip
+    took = time.perf_counter() - start
+    assert metrics["val/map_50"] > 0.9, metrics
+    assert took < limit, f"{detector} took {took:.1f} s to overfit 4 scenes (limit {limit} s)"
+
+
+# ----- resume ------------------------------------------------------------------------------------
+TIMING = ("time/", "images_per_s")
+
+
+def stable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not any(t in k for t in TIMING)}
+
+
+class Stop(Exception):
+    pass
+
+
 @pytest.mark.parametrize("keys", [TINY, RCNN], ids=["yolo", "faster_rcnn"])
-def test_resume_ends_as_an_uninterrupted_run(make_cfg, tmp_path: Path, keys: tuple) -> None:
-    # Faster R-CNN samples anchors and proposals from the global RNG: resume restores it.
-    steps = (*keys, "sched=none", "data.train_scenes=16")
-    run(make_cfg(*steps, "trainer.max_epochs=1"), tmp_path / "r")
-    resumed = run(make_cfg(*steps, "trainer.max_epochs=2", "resume=true"), tmp_path / "r")
-    whole = run(make_cfg(*steps, "trainer.max_epochs=2"), tmp_path / "w")
-    assert resumed["step"] == whole["step"] == 4
-    assert resumed["val/map_50"] == whole["val/map_50"]
-    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"]
+def test_resume_mid_epoch_under_a_schedule_ends_as_an_uninterrupted_run(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: tuple
+) -> None:
+    """One-cycle over 2 epochs of 3 steps; last.pt every 2 steps; the cut run dies in step 5, its
+    last.pt from step 4 (one batch into epoch 2). Faster R-CNN samples anchors and proposals from
+    the global RNG: resume restores it."""
+    steps = (*keys, "sched=onecycle", "data.train_scenes=24", "trainer.max_epochs=2",
+             "trainer.checkpoint_every_n_steps=2")  # fmt: skip
+    whole = run(make_cfg(*steps), tmp_path / "w")
+    real = DetectionTrainer.step
+
+    def dies_in_step_5(self: DetectionTrainer, batch: dict) -> dict:
+        if self.step_count == 4:
+            raise Stop
+        return real(self, batch)
+
+    monkeypatch.setattr(DetectionTrainer, "step", dies_in_step_5)
+    with pytest.raises(Stop):
+        run(make_cfg(*steps), tmp_path / "r")
+    monkeypatch.setattr(DetectionTrainer, "step", real)
+    saved = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == 4 and saved["epoch"] == 1 and saved["progress"]["batch"] == 1
+    assert saved["scheduler"]["last_epoch"] == 4  # the schedule is 4 of its 6 steps in
+    resumed = run(make_cfg(*steps, "resume=true"), tmp_path / "r")
+    assert resumed["step"] == whole["step"] == 6
+    assert stable(resumed) == stable(whole)  # val/map_50, val/map, train/loss, train/lr, ...
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)
             for d in (tmp_path / "r", tmp_path / "w"))  # fmt: skip
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scheduler"] == b["scheduler"]
