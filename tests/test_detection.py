@@ -264,6 +264,8 @@ def test_the_trainer_scores_an_oracle_1_and_the_oracle_moved_by_half_a_box_0(
     monkeypatch.setattr(YOLO, "forward", oracle(data, shift))
     metrics = run(make_cfg(*TINY, "trainer.max_steps=1"), tmp_path)
     assert metrics["val/map_50"] == expected and metrics["val/map"] == expected
+    # val/* is held out, so the test scenes are scored once at the end, by the same oracle
+    assert metrics["test/map_50"] == expected
     val = data.scenes["val"]
     assert len(val.images) == 6  # the held-out scenes, not the 12 test ones
     per_image = (val.box_labels >= 0).sum().item() / 6

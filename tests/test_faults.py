@@ -26,15 +26,20 @@ from tests.fixtures import write_idx
 TIMING = ("time/", "images_per_s")
 KILLER = Path(__file__).with_name("killer.py")
 # Two small real tasks: a LeNet classifier and an MLP GAN, several checkpoints per epoch.
+# data.val_split=0: every fake training image, as the pinned step counts assume (the default
+# hold-out's resume is tests/test_holdout.py's).
 TASKS = {
     "classifier": ("model=lenet", "model.activation=relu", "data.batch_size=20",
-                   "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=7"),
+                   "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=7",
+                   "data.val_split=0"),
     "gan": ("model=gan", "data.batch_size=20", "trainer.max_epochs=3",
-            "trainer.checkpoint_every_n_steps=7", "metrics.fid.features=auto"),
+            "trainer.checkpoint_every_n_steps=7", "metrics.fid.features=auto", "data.val_split=0"),
 }  # fmt: skip
 # Long enough (450 small steps, about 2 s of training) that a signal sent 0.2 s in lands mid-run.
-SIGNALLED = ("model=lenet", "model.activation=relu", "data.batch_size=4", "trainer.max_epochs=3")
+SIGNALLED = ("model=lenet", "model.activation=relu", "data.batch_size=4", "trainer.max_epochs=3",
+             "data.val_split=0")  # fmt: skip
 QUICK = (
+    "data.val_split=0",
     "model=lenet",
     "model.activation=relu",
     "data.batch_size=20",

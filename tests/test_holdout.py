@@ -99,3 +99,31 @@ def test_a_search_warns_when_its_trials_score_the_test_split(
 
     said = test_split_hint(composed(*overrides))
     assert (said[0] if said else None) == hint
+
+
+def test_a_default_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held-out split is a fixed draw: a resumed run trains on the same images, and its
+    end-of-run test/* equals the uninterrupted run's."""
+    from dlrun.trainers.classification import ClassificationTrainer
+
+    keys = (*LINEAR, "trainer.max_epochs=2", "data.val_split=0.1", "sched=cosine",
+            "trainer.checkpoint_every_n_steps=2")  # fmt: skip
+    whole = run(make_cfg(*keys), tmp_path / "whole")
+    step = ClassificationTrainer.step
+
+    def dies_at_step_5(self, batch):  # mid-epoch 2 (4 steps of 50 an epoch), after step 4's save
+        if self.step_count == 5:
+            raise KeyError("killed")
+        return step(self, batch)
+
+    monkeypatch.setattr(ClassificationTrainer, "step", dies_at_step_5)
+    with pytest.raises(KeyError):
+        run(make_cfg(*keys), tmp_path / "cut")
+    monkeypatch.setattr(ClassificationTrainer, "step", step)
+    resumed = run(make_cfg(*keys, "resume=true"), tmp_path / "cut")
+    timing = ("time/", "images_per_s")
+    same = {k: v for k, v in whole.items() if not any(t in k for t in timing)}
+    assert {k: resumed[k] for k in same} == same
+    assert "test/acc" in same and "val/acc" in same

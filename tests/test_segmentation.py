@@ -209,7 +209,10 @@ def test_mnist_det_is_the_same_scenes_with_boxes_for_detectors(make_cfg) -> None
         make_cfg("data=mnist_seg", "data.train_scenes=8", "data.test_scenes=4",
                  "data.val_scenes=4", "data.val_objects=50").data
     )  # fmt: skip
-    det = instantiate(make_cfg("data=mnist_det", "data.train_scenes=8", "data.test_scenes=4").data)
+    det = instantiate(
+        make_cfg("data=mnist_det", "data.train_scenes=8", "data.test_scenes=4",
+                 "data.val_scenes=4", "data.val_objects=50").data
+    )  # fmt: skip
     for d in (seg, det):
         d.setup(torch.device("cpu"), 0)
     assert det.kind == "detection" and torch.equal(
@@ -218,7 +221,8 @@ def test_mnist_det_is_the_same_scenes_with_boxes_for_detectors(make_cfg) -> None
     batch = next(iter(det.train_loader()))
     assert batch["boxes"].shape == (8, 4, 4) and batch["box_labels"].shape == (8, 4)
     with pytest.raises(UserError, match="is detection data"):
-        build_trainer(make_cfg("data=mnist_det", "data.train_scenes=8", "data.test_scenes=4"), "x")
+        build_trainer(make_cfg("data=mnist_det", "data.train_scenes=8", "data.test_scenes=4",
+                               "data.val_scenes=4", "data.val_objects=50"), "x")  # fmt: skip
 
 
 # ----- issue 28: tests that can fail ----------------------------------------------------------------

@@ -74,6 +74,7 @@ class DetectionTrainer(Trainer):
     modes = ("train", "eval", "predict")
     data_kinds = ("detection",)
     default_monitor = "val/map_50"
+    scores_test_at_end = True  # data.val_scenes > 0 (the default): test/* by the final weights
 
     def __init__(self, *, loss: Any, **kwargs: Any) -> None:
         if not isinstance(loss, DetectionObjective):
