@@ -251,7 +251,7 @@ def test_each_role_schedule_spans_the_steps_it_takes(
     assert trainer.opt.total == {"generator": 4, "discriminator": 20}
     g, d = trainer.opt.schedulers["generator"], trainer.opt.schedulers["discriminator"]
     if sched == "cosine":
-        assert (g.T_max, d.T_max) == (4, 20)
+        assert (g.T_max, d.T_max) == (3, 19)  # steps - 1: the last step gets min_lr
     else:
         assert (g.total_steps, d.total_steps) == (4, 20)
     lr = cfg.optim.lr
@@ -265,9 +265,12 @@ def test_each_role_schedule_spans_the_steps_it_takes(
     # Each role ends on the last point of its own curve: its scheduler stepped (its steps - 1) times.
     assert state["scheduler"]["generator"]["last_epoch"] == 3
     assert state["scheduler"]["discriminator"]["last_epoch"] == 19
-    if sched == "cosine":  # point 3 of a 4-point cosine; over 20 points it would still be 0.95 lr
-        assert final["generator"] == pytest.approx(lr * (1 + math.cos(math.pi * 3 / 4)) / 2)
-        assert final["discriminator"] == pytest.approx(lr * (1 + math.cos(math.pi * 19 / 20)) / 2)
+    if sched == "cosine":  # the last point of each cosine: min_lr (0); over 20 points the
+        # generator's would still be 0.95 lr at its 4th
+        assert final["generator"] == pytest.approx(0.0, abs=1e-12)
+        assert final["discriminator"] == pytest.approx(0.0, abs=1e-12)
+        g_mid = state["scheduler"]["generator"]
+        assert g_mid["T_max"] == 3 and g_mid["_last_lr"] == [pytest.approx(0.0, abs=1e-12)]
     else:  # one-cycle ends at lr / (div_factor * final_div_factor)
         assert final["generator"] == pytest.approx(lr / 25 / 1e4)
         assert final["discriminator"] == pytest.approx(lr / 25 / 1e4)

@@ -14,6 +14,7 @@ from dlrun.cli import CONFIG_DIR, build, run
 from dlrun.data import ClassificationData
 from dlrun.data.streaming import StreamingClassificationData
 from dlrun.errors import UserError
+from tests.conftest import train_on_all
 from tests.fixtures import write_png_folder
 from tests.test_faults import KILLER, finish, metrics_of, start
 from tests.test_torchrun import assert_close, launch
@@ -34,7 +35,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cfg_of(folder: Path, tmp_path: Path, *overrides: str) -> DictConfig:
     base = [*ARGS, f"data.root={folder}", f"data.source.cache_dir={tmp_path / 'cache'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=base + list(overrides))
+        return train_on_all(compose("train", overrides=base + list(overrides)), overrides)
 
 
 def test_streamed_folders_train_exactly_like_the_in_memory_path(folder: Path, tmp_path: Path):
