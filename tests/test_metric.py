@@ -336,7 +336,7 @@ def test_without_val_split_the_threshold_is_fitted_on_held_out_training_images(
         trainer = build_trainer(make_cfg(*LEARNS), tmp_path / "built")
     said = [r.getMessage() for r in caplog.records if "verification threshold" in r.getMessage()]
     # 10% of the 200 fake training images is 20, less than 1,000: at most half, 100, are held out
-    assert len(said) == 1 and "100 training images" in said[0], said
+    assert len(said) == 1 and "100 of the 200 training images" in said[0], said
     about = trainer.data.describe()
     assert not about["val_is_test"]
     assert about["sizes"] == {"train": 100, "val": 100, "test": 100}

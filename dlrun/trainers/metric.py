@@ -85,10 +85,11 @@ class MetricTrainer(Trainer):
         moved = self.data.hold_out_validation(HOLD_OUT_FRACTION, HOLD_OUT_MIN)
         if moved:
             log.info(
-                "metric learning: data.val_split=0, so %d training images (%d%%, at least %d, a "
-                "fixed draw) are held out to fit the verification threshold; test/* scores the "
-                "test pairs at the end (set data.val_split to choose the hold-out)",
-                moved, round(100 * HOLD_OUT_FRACTION), HOLD_OUT_MIN,
+                "metric learning: data.val_split=0, so %d of the %d training images (%d%%, at "
+                "least %d, a fixed draw) are held out to fit the verification threshold on (val/*); "
+                "test/* scores the test pairs at the end (data.val_split chooses the hold-out)",
+                moved, moved + self.data.describe()["sizes"]["train"],
+                round(100 * HOLD_OUT_FRACTION), HOLD_OUT_MIN,
             )  # fmt: skip
         # On pair scores, per set of weights ("model", "ema"): fitted on the validation pairs.
         self.thresholds: dict[str, float] = {}
