@@ -85,8 +85,8 @@ class Stops:
             self.writer.flush()
         raise Interrupted(
             f"{name}: stopped after step {self.step_count} ({where}) with a checkpoint in "
-            f"{self.last_path}. Continue with the same options plus resume=true "
-            f"hydra.run.dir={self.run_dir}",
+            f"{self.last_path}. Continue with: dlrun resume=true hydra.run.dir={self.run_dir} "
+            "(the run's own options come from its folder)",
             self.stop.received or signal.SIGTERM,
         )
 
