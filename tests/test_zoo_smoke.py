@@ -38,9 +38,11 @@ def cfg(*overrides: str) -> Any:
 def declared(name: str) -> dict[str, str]:
     """The optim / sched presets a model config's defaults list picks: {'optim': 'sgd_cifar', ...}."""
     node = yaml.safe_load((Path(CONFIG_DIR) / "model" / f"{name}.yaml").read_text())
-    out = {}
+    out: dict[str, str] = {}
     for entry in node.get("defaults", []):
-        if isinstance(entry, dict):
+        if isinstance(entry, str) and entry != "_self_":  # extends another model config (B1 <- B0)
+            out |= declared(entry)
+        elif isinstance(entry, dict):
             for key, value in entry.items():
                 group = key.removeprefix("override /").split("@")[0]
                 out[group] = value
