@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dlrun.cli import CONFIG_DIR, run
+from tests.conftest import killed_then_resumed
 from tests.test_monitor import LINEAR, scalars, warnings_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,18 +112,9 @@ def test_a_default_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
     keys = (*LINEAR, "trainer.max_epochs=2", "data.val_split=0.1", "sched=cosine",
             "trainer.checkpoint_every_n_steps=2")  # fmt: skip
     whole = run(make_cfg(*keys), tmp_path / "whole")
-    step = ClassificationTrainer.step
-
-    def dies_at_step_5(self, batch):  # mid-epoch 2 (4 steps of 50 an epoch), after step 4's save
-        if self.step_count == 5:
-            raise KeyError("killed")
-        return step(self, batch)
-
-    monkeypatch.setattr(ClassificationTrainer, "step", dies_at_step_5)
-    with pytest.raises(KeyError):
-        run(make_cfg(*keys), tmp_path / "cut")
-    monkeypatch.setattr(ClassificationTrainer, "step", step)
-    resumed = run(make_cfg(*keys, "resume=true"), tmp_path / "cut")
+    # stopped in epoch 2 (4 steps of 50 an epoch) at step 5, after step 4's checkpoint
+    resumed = killed_then_resumed(make_cfg(*keys), make_cfg(*keys, "resume=true"),
+                                  tmp_path / "cut", ClassificationTrainer, 5, monkeypatch)  # fmt: skip
     timing = ("time/", "images_per_s")
     same = {k: v for k, v in whole.items() if not any(t in k for t in timing)}
     assert {k: resumed[k] for k in same} == same

@@ -14,6 +14,7 @@ from dlrun.cli import build_trainer, run
 from dlrun.data.pairs import ClassIndex, PairSampler, fixed_pairs
 from dlrun.errors import UserError
 from dlrun.models.siamese import Siamese, zoo_model
+from tests.conftest import killed_then_resumed
 from tests.test_monitor import scalars
 
 TINY = ("model.backbone_args={activation: relu, pool: max}", "model.embedding_dim=8")
@@ -172,9 +173,11 @@ def test_each_loss_trains_and_scores_the_pairs(make_cfg, tmp_path: Path, choice:
     # the best of all thresholds, at least as good as calling every (balanced) pair the same.
     assert metrics["test/threshold"] == metrics["val/threshold"]
     assert 0.5 <= metrics["val/verify_acc"] <= 1
-    for prefix in ("val", "test"):
-        for name in ("verify_acc", "roc_auc", "knn_acc"):
-            assert 0 <= metrics[f"{prefix}/{name}"] <= 1, name
+    # every loss logs the same verification figures on both splits (their values: the learnable
+    # case below checks them against a count by hand)
+    logged = {k for k in metrics if k.startswith(("val/", "test/"))}
+    names = ("verify_acc", "roc_auc", "knn_acc", "threshold")
+    assert logged == {f"{p}/{n}" for p in ("val", "test") for n in names}
     assert metrics["step"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
@@ -211,18 +214,8 @@ def test_pair_resume_mid_epoch_ends_like_an_uninterrupted_run(
         "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=3",
     )  # fmt: skip
     full = run(make_cfg(*cfg), tmp_path / "full")
-    step = MetricTrainer.step
-
-    def dies_at_step_4(self, batch):
-        if self.step_count == 4:
-            raise KeyError("killed")
-        return step(self, batch)
-
-    monkeypatch.setattr(MetricTrainer, "step", dies_at_step_4)
-    with pytest.raises(KeyError):
-        run(make_cfg(*cfg), tmp_path / "cut")
-    monkeypatch.setattr(MetricTrainer, "step", step)
-    resumed = run(make_cfg(*cfg, "resume=true"), tmp_path / "cut")
+    resumed = killed_then_resumed(make_cfg(*cfg), make_cfg(*cfg, "resume=true"), tmp_path / "cut",
+                                  MetricTrainer, 4, monkeypatch)  # fmt: skip
     assert resumed["val/verify_acc"] == full["val/verify_acc"]
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)

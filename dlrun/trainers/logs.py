@@ -103,6 +103,21 @@ class RunLog:
         )
         return time.perf_counter() - began
 
+    def _score_test_split(self) -> None:
+        """With validation images held out of training, the test split is scored once, by the
+        final weights, at the end (test/*): the number to report, selected on nothing. Every
+        rank takes part (evaluations reduce over ranks); a resumed finished run scores it again."""
+        if not self.scores_test_at_end or self.data.describe().get("val_is_test", True):
+            return
+        self.phase = "eval"
+        metrics = self.evaluate(self.data.test_loader(), "test")
+        self.phase = "train"
+        self._log(metrics)
+        if self.writer is not None:
+            self.log_evaluation(self.writer, "test")
+        shown = [f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1]
+        log.info("test split, final weights: %s", ", ".join(shown))
+
     def _hint_short_run(self) -> None:
         """A run that evaluates once or twice draws its val/* curves as single dots: say how to
         get a curve (evaluating mid-epoch is not the default: it adds a checkpoint each time, and
