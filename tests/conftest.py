@@ -125,24 +125,21 @@ def train_on_all(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
 DATA_VAL_SPLIT_DEFAULT = 0.1  # configs/data/{mnist,cifar10,...}.yaml
 
 
-def killed_then_resumed(
-    cfg: DictConfig, resumed_cfg: DictConfig, folder: Path, trainer: type, at_step: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> dict[str, float]:
-    """Run `cfg` in `folder` until `trainer.step` is entered at step `at_step` (an exception
-    stops it there, after its last checkpoint), then finish it with `resumed_cfg`
-    (resume=true): the resumed run's metrics."""
+def stopped_at_step(
+    cfg: DictConfig, folder: Path, trainer: type, at_step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run `cfg` in `folder` and stop it as `trainer.step` is entered at step `at_step` (after
+    the checkpoints written so far), as a crash there would; `resume=true` then continues it."""
     from dlrun.cli import run
 
     step = trainer.step
 
     def dies(self, batch):  # noqa: ANN001, ANN202
         if self.step_count == at_step:
-            raise KeyError("killed")
+            raise KeyError("stopped")
         return step(self, batch)
 
-    monkeypatch.setattr(trainer, "step", dies)
-    with pytest.raises(KeyError):
-        run(cfg, folder)
-    monkeypatch.setattr(trainer, "step", step)
-    return run(resumed_cfg, folder)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "step", dies)
+        with pytest.raises(KeyError, match="stopped"):
+            run(cfg, folder)

@@ -19,6 +19,7 @@ from dlrun.models.cyclegan import CycleGAN, NLayerDiscriminator, ResnetGenerator
 from dlrun.sched import linear_decay
 from dlrun.trainers.cyclegan import CycleGANTrainer, adversarial, to_grey
 from dlrun.trainers.image_pool import ImagePool
+from tests.conftest import stopped_at_step
 
 TINY = (
     "model=cyclegan", "data=horse2zebra", "data.image_size=16", "data.load_size=20",
@@ -295,10 +296,6 @@ def test_the_domain_score_judges_a_translation_a_to_b_as_b(
     assert metrics["val/domain_acc_grey"] == pytest.approx(4 / 7)  # all grey: all taken for B
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_resume_mid_epoch_ends_exactly_like_an_uninterrupted_run(
     h2z_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -306,17 +303,7 @@ def test_resume_mid_epoch_ends_exactly_like_an_uninterrupted_run(
     """Epochs of 7 steps (7 zebras, 5 horses), pools of 2: a checkpoint at step 4, killed at 5."""
     cfg = (*TINY, "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=4")
     full = run(h2z_cfg(*cfg), tmp_path / "full")
-    step = CycleGANTrainer.step
-
-    def dies_at_step_5(self, batch):
-        if self.step_count == 5:
-            raise Stop
-        return step(self, batch)
-
-    monkeypatch.setattr(CycleGANTrainer, "step", dies_at_step_5)
-    with pytest.raises(Stop):
-        run(h2z_cfg(*cfg), tmp_path / "cut")
-    monkeypatch.setattr(CycleGANTrainer, "step", step)
+    stopped_at_step(h2z_cfg(*cfg), tmp_path / "cut", CycleGANTrainer, 5, monkeypatch)
     saved = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == 4 and saved["progress"]["batch"] == 4
     resumed = run(h2z_cfg(*cfg, "resume=true"), tmp_path / "cut")

@@ -19,6 +19,7 @@ from dlrun.errors import UserError
 from dlrun.models.faster_rcnn import FasterRCNN
 from dlrun.models.yolo import YOLO
 from dlrun.trainers.detection import DetectionTrainer
+from tests.conftest import stopped_at_step
 
 # Validation scenes of held-out training digits, as data=mnist_det makes them by default (the
 # fixture's 200 training digits: the last 50 for them).
@@ -331,10 +332,6 @@ def stable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not any(t in k for t in TIMING)}
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("keys", [TINY, RCNN], ids=["yolo", "faster_rcnn"])
 def test_resume_mid_epoch_under_a_schedule_ends_as_an_uninterrupted_run(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: tuple
@@ -345,17 +342,7 @@ def test_resume_mid_epoch_under_a_schedule_ends_as_an_uninterrupted_run(
     steps = (*keys, "sched=onecycle", "data.train_scenes=24", "trainer.max_epochs=2",
              "trainer.checkpoint_every_n_steps=2")  # fmt: skip
     whole = run(make_cfg(*steps), tmp_path / "w")
-    real = DetectionTrainer.step
-
-    def dies_in_step_5(self: DetectionTrainer, batch: dict) -> dict:
-        if self.step_count == 4:
-            raise Stop
-        return real(self, batch)
-
-    monkeypatch.setattr(DetectionTrainer, "step", dies_in_step_5)
-    with pytest.raises(Stop):
-        run(make_cfg(*steps), tmp_path / "r")
-    monkeypatch.setattr(DetectionTrainer, "step", real)
+    stopped_at_step(make_cfg(*steps), tmp_path / "r", DetectionTrainer, 4, monkeypatch)
     saved = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == 4 and saved["epoch"] == 1 and saved["progress"]["batch"] == 1
     assert saved["scheduler"]["last_epoch"] == 4  # the schedule is 4 of its 6 steps in

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dlrun.cli import CONFIG_DIR, run
-from tests.conftest import killed_then_resumed
+from tests.conftest import stopped_at_step
 from tests.test_monitor import LINEAR, scalars, warnings_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,8 +113,8 @@ def test_a_default_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
             "trainer.checkpoint_every_n_steps=2")  # fmt: skip
     whole = run(make_cfg(*keys), tmp_path / "whole")
     # stopped in epoch 2 (4 steps of 50 an epoch) at step 5, after step 4's checkpoint
-    resumed = killed_then_resumed(make_cfg(*keys), make_cfg(*keys, "resume=true"),
-                                  tmp_path / "cut", ClassificationTrainer, 5, monkeypatch)  # fmt: skip
+    stopped_at_step(make_cfg(*keys), tmp_path / "cut", ClassificationTrainer, 5, monkeypatch)
+    resumed = run(make_cfg(*keys, "resume=true"), tmp_path / "cut")
     timing = ("time/", "images_per_s")
     same = {k: v for k, v in whole.items() if not any(t in k for t in timing)}
     assert {k: resumed[k] for k in same} == same

@@ -14,7 +14,7 @@ from dlrun.cli import build_trainer, run
 from dlrun.data.pairs import ClassIndex, PairSampler, fixed_pairs
 from dlrun.errors import UserError
 from dlrun.models.siamese import Siamese, zoo_model
-from tests.conftest import killed_then_resumed
+from tests.conftest import stopped_at_step
 from tests.test_monitor import scalars
 
 TINY = ("model.backbone_args={activation: relu, pool: max}", "model.embedding_dim=8")
@@ -214,8 +214,8 @@ def test_pair_resume_mid_epoch_ends_like_an_uninterrupted_run(
         "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=3",
     )  # fmt: skip
     full = run(make_cfg(*cfg), tmp_path / "full")
-    resumed = killed_then_resumed(make_cfg(*cfg), make_cfg(*cfg, "resume=true"), tmp_path / "cut",
-                                  MetricTrainer, 4, monkeypatch)  # fmt: skip
+    stopped_at_step(make_cfg(*cfg), tmp_path / "cut", MetricTrainer, 4, monkeypatch)
+    resumed = run(make_cfg(*cfg, "resume=true"), tmp_path / "cut")
     assert resumed["val/verify_acc"] == full["val/verify_acc"]
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)

@@ -30,6 +30,7 @@ from dlrun.style_losses import (
     total_variation,
 )
 from dlrun.trainers.style import StyleTrainer
+from tests.conftest import stopped_at_step
 from tests.test_cli import dlrun
 from tests.test_monitor import scalars
 
@@ -254,10 +255,6 @@ def test_adam_lowers_the_cost(style_cfg: Callable, tmp_path: Path) -> None:
     assert {"val/content_loss", "val/style_loss", "train/content_loss"} <= set(metrics)
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_mid_epoch_ends_exactly_like_an_uninterrupted_run(
     style_cfg: Callable, vgg_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -267,17 +264,7 @@ def test_resume_mid_epoch_ends_exactly_like_an_uninterrupted_run(
     cfg = ("trainer.max_steps=6", "style.steps_per_epoch=3", "trainer.checkpoint_every_n_steps=2",
            f"style.features_ckpt={ckpt}")  # fmt: skip
     full = run(style_cfg(*cfg), tmp_path / "full")
-    step = StyleTrainer.step
-
-    def dies_at_step_5(self, batch):
-        if self.step_count == 4:
-            raise Stop
-        return step(self, batch)
-
-    monkeypatch.setattr(StyleTrainer, "step", dies_at_step_5)
-    with pytest.raises(Stop):
-        run(style_cfg(*cfg), tmp_path / "cut")
-    monkeypatch.setattr(StyleTrainer, "step", step)
+    stopped_at_step(style_cfg(*cfg), tmp_path / "cut", StyleTrainer, 4, monkeypatch)
     saved = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == 4 and saved["progress"]["batch"] == 1
     resumed = run(style_cfg(*cfg, "resume=true"), tmp_path / "cut")
