@@ -119,3 +119,13 @@ def test_a_default_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
     same = {k: v for k, v in whole.items() if not any(t in k for t in timing)}
     assert {k: resumed[k] for k in same} == same
     assert "test/acc" in same and "val/acc" in same
+
+
+def test_a_set_too_small_to_hold_out_names_the_way_out() -> None:
+    from dlrun.data.base import held_out
+    from dlrun.errors import UserError
+
+    with pytest.raises(UserError, match=r"data.val_split=0.1 leaves no .* out of 5; .* data.val_split=0 to train on every image"):
+        held_out(5, 0.1)  # the default on a five-image folder
+    val, train = held_out(20, 0.1)
+    assert len(val) == 2 and len(train) == 18 and set(val.tolist()).isdisjoint(train.tolist())

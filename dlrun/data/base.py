@@ -51,7 +51,8 @@ def held_out(n: int, val_split: float) -> tuple[Tensor, Tensor]:
     if not 0 < n_val < n:
         raise UserError(
             f"data.val_split={val_split} leaves no training or no validation images "
-            f"out of {n}; use a fraction in (0, 1) or a smaller count."
+            f"out of {n}; use a fraction in (0, 1) or a smaller count, or data.val_split=0 to "
+            "train on every image (val/* is then the test split)."
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return perm[:n_val], perm[n_val:]
