@@ -77,7 +77,8 @@ class DataModule(Protocol):
     def describe(self) -> dict[str, Any]:
         """{"name", "input_shape": (C, H, W), "num_classes", "classes",
         "sizes": {"train": n, "val": n, "test": n}, "val_is_test": bool}, and optionally
-        "holdout": False for a set that cannot hold validation images out of training."""
+        "holdout_hint": (what made val the test split, what to do instead) for the warning
+        that selecting on the test split logs (default: data.val_split's)."""
         ...
 
 

@@ -198,6 +198,5 @@ class SceneData(DeviceGenerators):
                 k: len(self.scenes[k].images) if self.scenes else v for k, v in self.counts.items()
             },
             "val_is_test": self.counts["val"] == 0,
-            "holdout": True,
             "holdout_hint": ("data.val_scenes=0", "data.val_scenes=1000"),
         }

@@ -159,5 +159,4 @@ class StyleImages(DeviceGenerators):
             "classes": [],
             "sizes": {"train": 1, "val": 1, "test": 1},
             "val_is_test": False,
-            "holdout": False,
         }

@@ -241,7 +241,6 @@ class UnpairedData(DeviceGenerators):
                 **{k: len(v) for k, v in self.x.items()},
             },
             "val_is_test": True,
-            "holdout": False,  # no data.val_split: the test sets are where CycleGAN is scored
             # A monitor set on it warns; the fix is no selection (the authors' protocol), or
             # test folders of images taken out of training.
             "holdout_hint": (
