@@ -23,8 +23,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import dlrun
-from dlrun import export
 from dlrun.cli import CONFIG_DIR, build_trainer, run
+from dlrun.tasks.classification import export
 
 TRAIN = ["model=lenet", "data=mnist", "trainer.max_epochs=1"]
 

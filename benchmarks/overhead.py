@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 
 from dlrun.cli import CONFIG_DIR, run
 from dlrun.data.transforms import RandomCrop, RandomHFlip
-from dlrun.trainers.optimize import build_optimizer
-from dlrun.trainers.precision import resolve_precision
+from dlrun.engine.optimize import build_optimizer
+from dlrun.engine.precision import resolve_precision
 
 
 @dataclass

@@ -37,7 +37,7 @@ CONFIG_DIR = REPO / "configs"
 RESULTS = Path(__file__).with_name("results") / "zoo_smoke.jsonl"
 # --try runs (a network with overrides: the search for a default) go here, never into the table.
 PROBES = RESULTS.with_name("zoo_probes.jsonl")
-CLASSIFIER = "dlrun.trainers.classification.ClassificationTrainer"
+CLASSIFIER = "dlrun.tasks.classification.trainer.ClassificationTrainer"
 # Classifier configs this benchmark cannot run as they stand: knn (no training steps; its own
 # trainer anyway) and timm (needs model.name and the timm extra).
 LEFT_OUT = {"knn": "no training steps", "timm": "needs model.name and the timm extra"}

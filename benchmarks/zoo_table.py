@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dlrun.cli import CONFIG_DIR
-from dlrun.introspect import count_flops
+from dlrun.engine.introspect import count_flops
 from dlrun.models import instantiate_model
 
 

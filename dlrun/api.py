@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from dlrun import checkpoint
 from dlrun.data.transforms import Normalize
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 from dlrun.models import instantiate_model, model_kwargs
 

@@ -16,14 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun import cluster, dist, resume, rundir, sweep, threads, validate
-from dlrun.compose import CONFIG_DIR
+from dlrun.config import checks, resume
+from dlrun.config.compose import CONFIG_DIR
+from dlrun.config.explain import error_line
+from dlrun.engine import dist
+from dlrun.engine.guards import Interrupted
+from dlrun.engine.tb import hparams_of
+from dlrun.engine.trainer import Trainer
 from dlrun.errors import UserError
-from dlrun.messages import error_line
+from dlrun.launch import cluster, rundir, sweep, threads
 from dlrun.models import without_pretrained
-from dlrun.tb import hparams_of
-from dlrun.trainers.base import Trainer
-from dlrun.trainers.guards import Interrupted
 
 log = logging.getLogger("dlrun")
 OmegaConf.register_new_resolver("unique_dir", rundir.unique_dir, replace=True)
@@ -64,7 +66,7 @@ def build_trainer(
     cfg: DictConfig, run_dir: str | Path, choices: Mapping[str, str | None] | None = None
 ) -> Trainer:
     """Check the config, build data, model and trainer, and set the trainer up: no writes yet."""
-    validate.check_config(cfg)
+    checks.check_config(cfg)
     missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
     if missing:
         data = (choices or {}).get("data") or cfg.data.get("name")
@@ -242,7 +244,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     dist.init_from_env()  # torchrun: before Hydra, so that rank 0 names the one run folder
     # resume=true hydra.run.dir=RUN: Hydra composes RUN's own config groups (model=, sched= ...),
-    # not the defaults, and records them again in RUN/.hydra/ (dlrun.resume).
+    # not the defaults, and records them again in RUN/.hydra/ (dlrun.config.resume).
     sys.argv = [sys.argv[0], *resume.command_with_run(sys.argv[1:])]
     try:
         _hydra_main()

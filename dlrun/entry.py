@@ -13,9 +13,10 @@ from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from dlrun.config.explain import error_line
+from dlrun.config.helptext import help_text
+from dlrun.config.migrations import renamed_key
 from dlrun.errors import UserError
-from dlrun.helptext import help_text
-from dlrun.messages import error_line, renamed_key
 
 HELP_FLAGS = ("--help", "-h")
 

@@ -20,7 +20,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def one_thread() -> Iterator[None]:
     """Tiny models: with 2 threads on a busy 2-core box each op waits for a descheduled peer.
 
-    DLRUN_NUM_THREADS too: each run sets its own count (trainer.num_threads=null: dlrun.threads).
+    DLRUN_NUM_THREADS too: each run sets its own count (trainer.num_threads=null: dlrun.launch.threads).
     """
     threads, share = torch.get_num_threads(), os.environ.get("DLRUN_NUM_THREADS")
     torch.set_num_threads(1)
@@ -40,8 +40,8 @@ def no_fid(monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*_args: object, **_kwargs: object) -> None:
         raise UserError("no Inception weights here")
 
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", offline)
-    monkeypatch.setattr("dlrun.metrics.TFInceptionFeatures", offline)
+    monkeypatch.setattr("dlrun.scoring.sample_quality.InceptionFeatures", offline)
+    monkeypatch.setattr("dlrun.scoring.sample_quality.TFInceptionFeatures", offline)
 
 
 def need_extra(module: str, extra: str) -> ModuleType:

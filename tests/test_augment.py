@@ -10,7 +10,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from dlrun import checkpoint
 from dlrun.cli import build, run
 from dlrun.data.augment import (
     BINS,
@@ -22,7 +21,8 @@ from dlrun.data.augment import (
     apply_ops,
     magnitude_table,
 )
-from dlrun.data.streaming import StreamingClassificationData
+from dlrun.data.streamed import StreamingClassificationData
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 from tests.fixtures import write_png_folder
 from tests.test_streaming import cfg_of

@@ -15,12 +15,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.tensorboard.summary import compute_curve
 
-from dlrun import class_report
-from dlrun.class_report import PR_THRESHOLDS, EvalAccumulator, tag_names
 from dlrun.cli import run
+from dlrun.engine.trainer import Trainer
 from dlrun.models.lenet import LeNet5
-from dlrun.trainers.base import Trainer
-from dlrun.trainers.classification import ClassificationTrainer
+from dlrun.tasks.classification import class_report
+from dlrun.tasks.classification.class_report import PR_THRESHOLDS, EvalAccumulator, tag_names
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 QUICK = ("model=lenet", "trainer.max_steps=4", "data.batch_size=50")  # one epoch, one validation
 NAMES = [

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from dlrun.compose import CONFIG_DIR, composed
-from dlrun.helptext import describe, descriptions
+from dlrun.config.compose import CONFIG_DIR, composed
+from dlrun.config.helptext import describe, descriptions
 
 TRAINERS = Path(CONFIG_DIR) / "trainer"
 BASE = TRAINERS / "base" / "common.yaml"

@@ -14,11 +14,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from dlrun.cli import Failed, build_trainer, run
+from dlrun.engine.sched import linear_decay
 from dlrun.errors import UserError
 from dlrun.models.cyclegan import CycleGAN, NLayerDiscriminator, ResnetGenerator
-from dlrun.sched import linear_decay
-from dlrun.trainers.cyclegan import CycleGANTrainer, adversarial, to_grey
-from dlrun.trainers.image_pool import ImagePool
+from dlrun.tasks.cyclegan.image_pool import ImagePool
+from dlrun.tasks.cyclegan.trainer import CycleGANTrainer, adversarial, to_grey
 from tests.conftest import stopped_at_step
 
 TINY = (

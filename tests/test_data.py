@@ -165,7 +165,7 @@ def test_ranks_share_the_order_and_not_the_augmentation(make_cfg) -> None:
     reference = torch.randperm(100, generator=torch.Generator().manual_seed(1))[:30]
     assert torch.equal(torch.cat(firsts), ranks[0].train_y[reference])  # one global batch, split
     with pytest.raises(ValueError, match="rank must be in"):
-        ranks[0].setup(torch.device("cpu"), seed=1, rank=1)  # one process (dlrun.dist's answer)
+        ranks[0].setup(torch.device("cpu"), seed=1, rank=1)  # one process (dlrun.engine.dist's answer)
     ranks[1].batch_size = 33  # 100 = 3 x 33 + 1: a last global batch of 1 would starve 2 ranks
     assert len(ranks[1].train_loader()) == 3
     ranks[1].batch_size = 2

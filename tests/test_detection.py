@@ -10,15 +10,15 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from dlrun.anchors import kmeans_anchors
 from dlrun.cli import build_trainer, run
 from dlrun.data.base import Splits
-from dlrun.data.scene_data import SceneData
-from dlrun.detection_losses import DetectionObjective
+from dlrun.data.digit_scenes import SceneData
 from dlrun.errors import UserError
 from dlrun.models.faster_rcnn import FasterRCNN
 from dlrun.models.yolo import YOLO
-from dlrun.trainers.detection import DetectionTrainer
+from dlrun.tasks.detection.anchors import kmeans_anchors
+from dlrun.tasks.detection.losses import DetectionObjective
+from dlrun.tasks.detection.trainer import DetectionTrainer
 from tests.conftest import stopped_at_step
 
 # Validation scenes of held-out training digits, as data=mnist_det makes them by default (the

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from dlrun.detection_metrics import mean_average_precision
+from dlrun.tasks.detection.metrics import mean_average_precision
 from tests.conftest import need_extra
 
 

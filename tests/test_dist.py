@@ -1,4 +1,4 @@
-"""dlrun.dist, ShardedSampler and DDP across two real processes (gloo, CPU).
+"""dlrun.engine.dist, ShardedSampler and DDP across two real processes (gloo, CPU).
 
 Each rank runs `_worker` in its own spawned process, checks what it can alone, and writes what
 it saw to rank<r>.json; the test compares the ranks. A rank that raises fails the test
@@ -18,8 +18,8 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dlrun import checkpoint, dist, sync_bn
 from dlrun.data.samplers import RandomSampler, ShardedSampler
+from dlrun.engine import checkpoint, dist, sync_bn
 
 WORLD = 2
 CPU = torch.device("cpu")

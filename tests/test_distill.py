@@ -13,8 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dlrun import checkpoint
 from dlrun.cli import CONFIG_DIR, build_trainer, run
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 from tests.test_monitor import scalars
 

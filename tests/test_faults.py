@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrun import checkpoint, rundir
 from dlrun.cli import run
+from dlrun.engine import checkpoint
 from dlrun.errors import OutOfMemory, TrainingDiverged, UserError, WriteFailed
-from dlrun.trainers.classification import ClassificationTrainer
+from dlrun.launch import rundir
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 from tests.fixtures import write_idx
 
 TIMING = ("time/", "images_per_s")
@@ -288,7 +289,7 @@ def test_on_nonfinite_skip_leaves_the_weights_exactly_as_they_were(
 def test_a_gan_whose_discriminator_loss_turns_nan_stops_naming_the_network(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dlrun.trainers.gan import GANTrainer
+    from dlrun.tasks.gan.trainer import GANTrainer
 
     real = GANTrainer.step
 

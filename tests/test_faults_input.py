@@ -1,7 +1,7 @@
 """Bad input and failing writes: each ends in one user error that names the cause and the fix.
 
-Unit tests of dlrun.checkpoint (atomic writes, safe loads, mismatch messages, config_diff) and
-dlrun.validate (config types and ranges, image sizes a network cannot take). No training runs.
+Unit tests of dlrun.engine.checkpoint (atomic writes, safe loads, mismatch messages, config_diff) and
+dlrun.config.checks (config types and ranges, image sizes a network cannot take). No training runs.
 """
 
 import errno
@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch import nn
 
-from dlrun import checkpoint, validate
 from dlrun.cli import CONFIG_DIR
+from dlrun.config import checks
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError, WriteFailed
 from dlrun.models import model_kwargs
 from dlrun.models.knn import KNN
@@ -325,7 +326,7 @@ def test_config_diff_is_symmetric_and_sorted() -> None:
 )
 def test_bad_value_is_named_with_its_key(make_cfg, override: str, key: str, shown: str) -> None:
     with pytest.raises(UserError) as info:
-        validate.check_config(make_cfg(override))
+        checks.check_config(make_cfg(override))
     msg = str(info.value)
     assert f"{key} must be " in msg and f"got {shown}" in msg
     assert msg.count(" must be ") == 1  # only the bad key
@@ -334,13 +335,13 @@ def test_bad_value_is_named_with_its_key(make_cfg, override: str, key: str, show
 
 def test_momentum_must_be_below_one(make_cfg) -> None:
     with pytest.raises(UserError, match=r"optim.momentum must be a number in \[0, 1\), got 1.0"):
-        validate.check_config(make_cfg("optim=sgd", "optim.momentum=1.0"))
+        checks.check_config(make_cfg("optim=sgd", "optim.momentum=1.0"))
 
 
 def test_every_bad_value_is_listed_in_one_message(make_cfg) -> None:
     cfg = make_cfg("optim.lr=-1", "data.batch_size=0", "trainer.max_epochs=abc", "resume=yes")
     with pytest.raises(UserError) as info:
-        validate.check_config(cfg)
+        checks.check_config(cfg)
     msg = str(info.value)
     assert msg.startswith("This config has 4 bad values: ")
     assert "trainer.max_epochs must be an integer >= 1, got 'abc' (str)" in msg
@@ -351,11 +352,11 @@ def test_every_bad_value_is_listed_in_one_message(make_cfg) -> None:
 
 
 def test_the_default_config_passes(make_cfg) -> None:
-    validate.check_config(make_cfg())
+    checks.check_config(make_cfg())
 
 
 def test_edge_values_pass(make_cfg) -> None:
-    validate.check_config(
+    checks.check_config(
         make_cfg(
             "optim.lr=0",  # a step that must not move the weights (tests/test_transfer.py)
             "data.num_workers=0",
@@ -369,17 +370,17 @@ def test_edge_values_pass(make_cfg) -> None:
             "optim.weight_decay=0",
         )
     )
-    validate.check_config(make_cfg("optim=sgd", "optim.momentum=0"))
+    checks.check_config(make_cfg("optim=sgd", "optim.momentum=0"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_passes(make_cfg, experiment: str) -> None:
-    validate.check_config(make_cfg(f"experiment={experiment}"))
+    checks.check_config(make_cfg(f"experiment={experiment}"))
 
 
 def test_every_model_option_passes(make_cfg) -> None:
     for model in MODELS:
-        validate.check_config(make_cfg(f"model={model}"))
+        checks.check_config(make_cfg(f"model={model}"))
 
 
 def test_missing_and_unresolvable_values_are_left_to_later_checks(make_cfg) -> None:
@@ -387,7 +388,7 @@ def test_missing_and_unresolvable_values_are_left_to_later_checks(make_cfg) -> N
     with open_dict(cfg):
         cfg.data.batch_size = "???"
         cfg.trainer.max_epochs = "${no.such.key}"
-    validate.check_config(cfg)
+    checks.check_config(cfg)
 
 
 def test_a_required_key_that_is_absent_is_reported(make_cfg) -> None:
@@ -395,7 +396,7 @@ def test_a_required_key_that_is_absent_is_reported(make_cfg) -> None:
     with open_dict(cfg):
         del cfg.optim["lr"]
     with pytest.raises(UserError, match="optim.lr must be set to a number >= 0"):
-        validate.check_config(cfg)
+        checks.check_config(cfg)
 
 
 # ----- check_image_size ---------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def build_model(make_cfg, *overrides: str) -> nn.Module:
 def test_too_small_images_are_a_user_error_naming_the_size(make_cfg) -> None:
     model = build_model(make_cfg, "model=airbench", "data=cifar10", "data.image_size=8")
     with pytest.raises(UserError) as info:
-        validate.check_image_size(model, (3, 8, 8), "airbench")
+        checks.check_image_size(model, (3, 8, 8), "airbench")
     msg = str(info.value)
     assert f"model=airbench ({type(model).__name__})" in msg
     assert "data.image_size=8" in msg and "8x8 px" in msg
@@ -418,14 +419,14 @@ def test_too_small_images_are_a_user_error_naming_the_size(make_cfg) -> None:
 def test_a_model_built_for_another_size_is_a_user_error(make_cfg) -> None:
     model = build_model(make_cfg, "model.image_size=32")  # LeNet for 32 px, data at 28
     with pytest.raises(UserError, match="data.image_size=28.*mat1 and mat2 shapes"):
-        validate.check_image_size(model, (1, 28, 28), "lenet")
+        checks.check_image_size(model, (1, 28, 28), "lenet")
 
 
 def test_lenet_at_28_passes_and_keeps_modes_and_rng(make_cfg) -> None:
     model = build_model(make_cfg, "model.batchnorm=true")
     model.features[1].eval()  # e.g. a frozen BatchNorm: stays in eval mode
     rng = torch.get_rng_state()
-    validate.check_image_size(model, (1, 28, 28), "lenet")
+    checks.check_image_size(model, (1, 28, 28), "lenet")
     assert model.training and not model.features[1].training
     assert all(m.training for m in model.modules() if m is not model.features[1])
     assert torch.equal(torch.get_rng_state(), rng)
@@ -433,4 +434,4 @@ def test_lenet_at_28_passes_and_keeps_modes_and_rng(make_cfg) -> None:
 
 
 def test_a_model_without_parameters_is_not_checked() -> None:
-    validate.check_image_size(KNN(num_classes=10), (1, 28, 28), "knn")  # needs its memory first
+    checks.check_image_size(KNN(num_classes=10), (1, 28, 28), "knn")  # needs its memory first

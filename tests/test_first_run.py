@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dlrun import rundir
 from dlrun.cli import run
 from dlrun.data.download import failure_reason, new_folders_removed_on_failure
 from dlrun.errors import UserError
+from dlrun.launch import rundir
 
 # Each data set that downloads, its overrides, and the hosts a failed download names.
 CASES = {

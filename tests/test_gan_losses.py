@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dlrun.gan_losses import (
+from dlrun.tasks.gan.losses import (
     GAN_LOSSES,
     bce_d,
     binary_cross_entropy,

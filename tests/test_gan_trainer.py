@@ -145,11 +145,11 @@ def test_metrics_json_of_a_gan_run(
     """Every value of metrics.json from what the run computed on: the discriminator's logits
     (recorded at the loss), the classifier's features and labels (recorded at the metrics),
     each put through its formula here. Nonsaturating loss; 2 steps of 50 of the 200 images."""
-    from dlrun import gan_losses
-    from dlrun import metrics as metrics_lib
+    from dlrun.scoring import sample_quality as metrics_lib
+    from dlrun.tasks.gan import losses
 
     seen: dict[str, list] = {"d": [], "g": [], "fid": [], "kid": [], "labels": []}
-    d_loss, g_loss = gan_losses.GAN_LOSSES["nonsaturating"]
+    d_loss, g_loss = losses.GAN_LOSSES["nonsaturating"]
 
     def recorded(name: str, fn: Callable) -> Callable:
         def call(*args: object, **kwargs: object) -> object:
@@ -159,7 +159,7 @@ def test_metrics_json_of_a_gan_run(
         return call
 
     monkeypatch.setitem(
-        gan_losses.GAN_LOSSES, "nonsaturating", (recorded("d", d_loss), recorded("g", g_loss))
+        losses.GAN_LOSSES, "nonsaturating", (recorded("d", d_loss), recorded("g", g_loss))
     )
     for name, fn in (("fid", "fid_from_features"), ("kid", "kid_from_features"),
                      ("labels", "mode_coverage")):  # fmt: skip
@@ -256,8 +256,8 @@ def test_auto_features_without_any_network_warn_once_and_skip(
     def torchvision(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("auto never falls back to torchvision's Inception")
 
-    monkeypatch.setattr("dlrun.metrics.TFInceptionFeatures", offline)
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", torchvision)
+    monkeypatch.setattr("dlrun.scoring.sample_quality.TFInceptionFeatures", offline)
+    monkeypatch.setattr("dlrun.scoring.sample_quality.InceptionFeatures", torchvision)
     cfg = make_cfg(*QUICK, "model=gan", "trainer.max_epochs=3")
     metrics = run(cfg, tmp_path)
     assert len(tries) == 1 and not any("fid" in k for k in metrics)
@@ -282,7 +282,7 @@ class PixelFeatures:
 def test_inception_tv_features_log_fid_tv(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("dlrun.metrics.InceptionFeatures", PixelFeatures)
+    monkeypatch.setattr("dlrun.scoring.sample_quality.InceptionFeatures", PixelFeatures)
     metrics = run(make_cfg(*TINY_FID, "metrics.fid.features=inception_tv"), tmp_path)
     assert {k for k in metrics if "fid" in k or "kid" in k} == {"val/fid_tv", "val/kid_tv"}
     assert metrics["val/fid_tv"] >= 0

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dlrun.compose import CONFIG_DIR, composed
-from dlrun.helptext import help_text, is_internal, render
-from dlrun.messages import did_you_mean
+from dlrun.config.compose import CONFIG_DIR, composed
+from dlrun.config.explain import did_you_mean
+from dlrun.config.helptext import help_text, is_internal, render
 from tests.test_cli import dlrun
 
 KEY_LINE = re.compile(

@@ -107,7 +107,7 @@ def test_a_default_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
 ) -> None:
     """The held-out split is a fixed draw: a resumed run trains on the same images, and its
     end-of-run test/* equals the uninterrupted run's."""
-    from dlrun.trainers.classification import ClassificationTrainer
+    from dlrun.tasks.classification.trainer import ClassificationTrainer
 
     keys = (*LINEAR, "trainer.max_epochs=2", "data.val_split=0.1", "sched=cosine",
             "trainer.checkpoint_every_n_steps=2")  # fmt: skip

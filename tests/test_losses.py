@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from dlrun.losses import Objective, cross_entropy, multiclass_hinge, weight_penalty
+from dlrun.tasks.classification.losses import (
+    Objective,
+    cross_entropy,
+    multiclass_hinge,
+    weight_penalty,
+)
 
 
 def test_cross_entropy_of_uniform_scores_is_log_k() -> None:
@@ -36,7 +41,7 @@ def test_weight_penalty_skips_biases() -> None:
 
 
 def test_objective_resolves_the_loss_by_import_path() -> None:
-    obj = Objective("dlrun.losses.multiclass_hinge", l2=1.0, margin=1.0)
+    obj = Objective("dlrun.tasks.classification.losses.multiclass_hinge", l2=1.0, margin=1.0)
     model = torch.nn.Linear(2, 3, bias=False)
     torch.nn.init.ones_(model.weight)
     assert obj.name == "multiclass_hinge"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dlrun import verification
 from dlrun.cli import build_trainer, run
 from dlrun.data.pairs import ClassIndex, PairSampler, fixed_pairs
 from dlrun.errors import UserError
 from dlrun.models.siamese import Siamese, zoo_model
+from dlrun.tasks.metric_learning import verification
 from tests.conftest import stopped_at_step
 from tests.test_monitor import scalars
 
@@ -207,7 +207,7 @@ def test_holdout_run_reports_unseen_class_verification(make_cfg, tmp_path: Path)
 def test_pair_resume_mid_epoch_ends_like_an_uninterrupted_run(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dlrun.trainers.metric import MetricTrainer
+    from dlrun.tasks.metric_learning.trainer import MetricTrainer
 
     cfg = (
         "model=siamese", *TINY, "data.batch_size=20", "data.verify_pairs=40", "data.val_split=50",
@@ -325,7 +325,7 @@ LEARNS = ("model=siamese", *TINY, "data.batch_size=20", "data.verify_pairs=200",
 def test_without_val_split_the_threshold_is_fitted_on_held_out_training_images(
     make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="dlrun.trainers.metric"):
+    with caplog.at_level(logging.INFO, logger="dlrun.tasks.metric_learning.trainer"):
         trainer = build_trainer(make_cfg(*LEARNS), tmp_path / "built")
     said = [r.getMessage() for r in caplog.records if "verification threshold" in r.getMessage()]
     # 10% of the 200 fake training images is 20, less than 1,000: at most half, 100, are held out
@@ -379,7 +379,7 @@ def test_each_set_of_weights_has_its_own_threshold_fitted_on_validation_pairs(
     state["task"] = {"threshold": 123.0}
     state["config"]["data"]["val_split"] = 0
     torch.save(state, tmp_path / "on_test.pt")
-    with caplog.at_level(logging.WARNING, logger="dlrun.trainers.metric"):
+    with caplog.at_level(logging.WARNING, logger="dlrun.tasks.metric_learning.trainer"):
         out = run(make_cfg(*keys, "mode=eval", f"ckpt={tmp_path / 'on_test.pt'}"),
                   tmp_path / "eval_on_test")  # fmt: skip
     assert out["test/threshold"] == pytest.approx(-saved["model"])

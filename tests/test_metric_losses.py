@@ -1,4 +1,4 @@
-"""Known answers of the metric-learning and distillation losses (dlrun/metric_losses.py)."""
+"""Known answers of the metric-learning and distillation losses (dlrun/tasks/metric_learning/losses.py)."""
 
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlrun.metric_losses import (
+from dlrun.tasks.distill.losses import distillation_loss
+from dlrun.tasks.metric_learning.losses import (
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     contrastive_loss,
-    distillation_loss,
     pairwise_distances,
     triplet_loss,
 )

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dlrun.errors import UserError
-from dlrun.metrics import (
+from dlrun.models.lenet import LeNet5
+from dlrun.scoring.sample_quality import (
     ClassifierFeatures,
     InceptionFeatures,
     TFInceptionFeatures,
@@ -17,7 +18,6 @@ from dlrun.metrics import (
     kid_from_features,
     mode_coverage,
 )
-from dlrun.models.lenet import LeNet5
 
 
 def _features(n: int = 500, d: int = 16, seed: int = 0) -> torch.Tensor:

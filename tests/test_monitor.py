@@ -1,4 +1,4 @@
-"""The monitored metric (dlrun/trainers/monitor.py) and the loop's evaluation cadence: best.pt,
+"""The monitored metric (dlrun/engine/monitor.py) and the loop's evaluation cadence: best.pt,
 early stopping, val_every_n_*, the test-split warning, the HParams declaration, bad values."""
 
 import logging
@@ -10,10 +10,10 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from dlrun import checkpoint
 from dlrun.cli import run
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
-from dlrun.trainers.classification import ClassificationTrainer
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 TIMING = ("time/", "images_per_s")
 # The linear classifier, plain SGD: 200 fixture images, 50 a batch, 4 steps an epoch.

@@ -1,4 +1,4 @@
-"""Optimisation (dlrun/trainers/optimize.py): clipping, accumulation, the grad scaler, schedules by
+"""Optimisation (dlrun/engine/optimize.py): clipping, accumulation, the grad scaler, schedules by
 role, and the closure path (L-BFGS) of `Trainer.optimize_closure`."""
 
 import functools
@@ -13,14 +13,14 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
-from dlrun import checkpoint
 from dlrun.cli import build_trainer, run
 from dlrun.data.samplers import RandomSampler, SequentialSampler
 from dlrun.data.tensor_loader import TensorLoader
+from dlrun.engine import checkpoint
+from dlrun.engine.guards import Interrupted
+from dlrun.engine.trainer import Trainer
 from dlrun.errors import UserError
-from dlrun.trainers.base import Trainer
-from dlrun.trainers.classification import ClassificationTrainer
-from dlrun.trainers.guards import Interrupted
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 TIMING = ("time/", "images_per_s")
 # Plain SGD on the linear classifier: an update is exactly -lr * gradient.

@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dlrun.cli import CONFIG_DIR
-from dlrun.sweep import job_folder
+from dlrun.launch.sweep import job_folder
 from tests.conftest import need_extra
 from tests.test_cli import dlrun
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import HydraException
 
-from dlrun import threads
-from dlrun.sweep import job_folder
+from dlrun.launch import threads
+from dlrun.launch.sweep import job_folder
 from hydra_plugins.dlrun_parallel_launcher.parallel_launcher import Slot, plan
 from tests.test_cli import dlrun
 from tests.test_sweep import assert_four_hparams_entries

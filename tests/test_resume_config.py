@@ -19,7 +19,7 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from dlrun import messages
+from dlrun.config import migrations
 
 FIXTURE = Path(__file__).parent / "data" / "run_81f06b5"
 TIMING = ("time/", "images_per_s")  # wall-clock figures: never equal between two runs
@@ -155,7 +155,7 @@ def test_an_override_that_contradicts_the_run_is_refused_in_one_line_naming_both
     )
     assert code == 2, out + err
     assert err.startswith("dlrun: error: resume=true continues the run in") and named in err, err
-    assert "but this command changes it" in err, err  # dlrun.resume's refusal, not the last check
+    assert "but this command changes it" in err, err  # dlrun.config.resume's refusal, not the last check
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in out + err
     assert snapshot(run) == before  # refused before anything was written
@@ -165,7 +165,7 @@ def test_an_override_that_contradicts_the_run_is_refused_in_one_line_naming_both
 def test_a_key_or_target_that_moved_is_no_difference(
     moved: str, run: Path, capsys, monkeypatch
 ) -> None:
-    if moved == "key":  # saved under its old name (messages.RENAMED) and at a non-default value
+    if moved == "key":  # saved under its old name (migrations.RENAMED) and at a non-default value
 
         def older(cfg: dict) -> None:
             pop(cfg, "trainer.val_every_n_epochs")
@@ -173,12 +173,13 @@ def test_a_key_or_target_that_moved_is_no_difference(
 
         overrides = run / ".hydra" / "overrides.yaml"
         overrides.write_text(overrides.read_text() + "- metrics.every_n_epochs=2\n")
-        assert messages.RENAMED["metrics.every_n_epochs"] == "trainer.val_every_n_epochs"
-    else:  # a `_target_` that has since moved (none has yet: the table gets one for the test)
-        monkeypatch.setitem(messages.MOVED_TARGETS, "dlrun.sched.old_cosine", "dlrun.sched.cosine")
+        assert migrations.RENAMED["metrics.every_n_epochs"] == "trainer.val_every_n_epochs"
+    else:  # a `_target_` under its module before the task packages (as the fixture saved it)
+        assert migrations.moved_target("dlrun.sched.cosine") == "dlrun.engine.sched.cosine"
 
         def older(cfg: dict) -> None:
-            put(cfg, "sched._target_", "dlrun.sched.old_cosine")
+            put(cfg, "sched._target_", "dlrun.sched.cosine")
+            put(cfg, "trainer._target_", "dlrun.trainers.classification.ClassificationTrainer")
 
     edit_run(run, older)
     code, out, err = dlrun(
@@ -190,7 +191,7 @@ def test_a_key_or_target_that_moved_is_no_difference(
         assert cfg["trainer"]["val_every_n_epochs"] == 2  # the run's value, not the default 1
         assert "every_n_epochs" not in cfg["metrics"]
     else:
-        assert cfg["sched"]["_target_"] == "dlrun.sched.cosine"
+        assert cfg["sched"]["_target_"] == "dlrun.engine.sched.cosine"
     assert "added since" not in out  # a moved key is not a new one
 
 

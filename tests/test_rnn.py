@@ -128,9 +128,9 @@ def test_recurrent_inits_set_each_gates_hidden_matrix(cell: str) -> None:
 
 def test_rnn_defaults_to_the_irnn_and_the_notes_tanh_rnn_is_one_override_away(make_cfg) -> None:
     c = make_cfg("model=rnn", "data=seq_mnist")
-    irnn = ("relu", "identity", 2e-3, "dlrun.sched.cosine")
+    irnn = ("relu", "identity", 2e-3, "dlrun.engine.sched.cosine")
     assert (c.model.nonlinearity, c.model.init, c.optim.lr, c.sched._target_) == irnn
     notes = make_cfg("model=rnn", "data=seq_mnist", "model.nonlinearity=tanh",
                      "model.init=default", "optim=adam", "sched=onecycle")  # fmt: skip
-    tanh = ("tanh", 0.01, "dlrun.sched.onecycle")
+    tanh = ("tanh", 0.01, "dlrun.engine.sched.onecycle")
     assert (notes.model.nonlinearity, notes.optim.lr, notes.sched._target_) == tanh

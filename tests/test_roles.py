@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dlrun.cli import build_trainer, run
-from dlrun.trainers.classification import ClassificationTrainer
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 
 class WithTeacher(ClassificationTrainer):

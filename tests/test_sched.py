@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dlrun import sched
+from dlrun.engine import sched
 
 
 def lrs(build, steps: int, lr: float = 1.0, **kwargs) -> list[float]:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dlrun import checkpoint
 from dlrun.cli import build_trainer, run
-from dlrun.data.scenes import _overlap, compose
-from dlrun.dense_losses import SegObjective, dice_loss, pixel_cross_entropy
+from dlrun.data.scene_layout import _overlap, compose
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
-from dlrun.trainers.segmentation import SegmentationTrainer, scores
+from dlrun.tasks.segmentation.losses import SegObjective, dice_loss, pixel_cross_entropy
+from dlrun.tasks.segmentation.trainer import SegmentationTrainer, scores
 
 # The fixture's MNIST has 200 training digits: hold out 50 for the validation scenes (the config's
 # default, data.val_objects=5000, is for the real 60,000).

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from dlrun.cli import run
-from dlrun.sweep import job_folder, job_folders
-from dlrun.trainers.classification import ClassificationTrainer
-from dlrun.trainers.guards import Interrupted
+from dlrun.engine.guards import Interrupted
+from dlrun.launch.sweep import job_folder, job_folders
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 from tests.conftest import need_extra
 from tests.fixtures import write_idx
 from tests.test_faults import QUICK, metrics_of

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from dlrun.cli import run
+from dlrun.engine.optimize import build_optimizer
+from dlrun.engine.precision import resolve_precision
 from dlrun.errors import UserError
 from dlrun.models.airbench import AirNet
-from dlrun.trainers.classification import ClassificationTrainer
-from dlrun.trainers.optimize import build_optimizer
-from dlrun.trainers.precision import resolve_precision
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 QUICK = ("model=lenet", "model.activation=relu", "data.batch_size=50", "trainer.max_steps=3")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dlrun.cli import CONFIG_DIR, build, run
 from dlrun.data import ClassificationData
-from dlrun.data.streaming import StreamingClassificationData
+from dlrun.data.streamed import StreamingClassificationData
 from dlrun.errors import UserError
 from tests.conftest import train_on_all
 from tests.fixtures import write_png_folder

@@ -20,8 +20,8 @@ from dlrun.cli import CONFIG_DIR, build_trainer, run
 from dlrun.errors import UserError
 from dlrun.models.style import VGGFeatures, flat_layers, vgg_layer_names
 from dlrun.models.vgg import vgg11, vgg19
-from dlrun.style_features import build_features, imagenet_weights, vgg19_layers
-from dlrun.style_losses import (
+from dlrun.tasks.style.features import build_features, imagenet_weights, vgg19_layers
+from dlrun.tasks.style.losses import (
     StyleObjective,
     content_cost,
     gram_matrix,
@@ -29,7 +29,7 @@ from dlrun.style_losses import (
     style_gram_target,
     total_variation,
 )
-from dlrun.trainers.style import StyleTrainer
+from dlrun.tasks.style.trainer import StyleTrainer
 from tests.conftest import stopped_at_step
 from tests.test_cli import dlrun
 from tests.test_monitor import scalars
@@ -298,7 +298,7 @@ def test_imagenet_weights_are_used_from_the_cache_and_never_downloaded(
         path,
     )
     monkeypatch.setattr(
-        "dlrun.style_features.vgg19_layers", lambda: nn.Sequential(*vgg19_layers()[:4])
+        "dlrun.tasks.style.features.vgg19_layers", lambda: nn.Sequential(*vgg19_layers()[:4])
     )
     features, about = build_features(
         "auto", "/not/read.pt", ["relu1_2"], pool="max", seed=0, device=torch.device("cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from dlrun.sweep import job_folders, job_number
+from dlrun.launch.sweep import job_folders, job_number
 from tests.test_cli import dlrun
 from tests.test_monitor import events
 

@@ -8,7 +8,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from dlrun.cli import run
-from dlrun.sweep import job_folders
+from dlrun.launch.sweep import job_folders
 from tests.test_cli import dlrun
 from tests.test_monitor import events
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrun import checkpoint, threads, validate
 from dlrun.cli import run
+from dlrun.config import checks
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
+from dlrun.launch import threads
 
 QUICK = ("model=lenet", "sched=none", "data.batch_size=50", "trainer.log_every_n_steps=2")
 
@@ -59,7 +61,7 @@ def test_apply_sets_and_logs_the_count(caplog: pytest.LogCaptureFixture) -> None
 @pytest.mark.parametrize("value", ["0", "-2", "1.5", "true"])
 def test_a_bad_num_threads_is_a_clear_error(make_cfg, value: str) -> None:
     with pytest.raises(UserError, match="trainer.num_threads must be an integer >= 1 or null, got"):
-        validate.check_config(make_cfg(f"trainer.num_threads={value}"))
+        checks.check_config(make_cfg(f"trainer.num_threads={value}"))
 
 
 def test_resume_uses_the_stored_count(

@@ -14,8 +14,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from dlrun import checkpoint
 from dlrun.cli import build_trainer, run
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 from tests.conftest import need_extra
 from tests.fixtures import write_png_folder

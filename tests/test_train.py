@@ -5,8 +5,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from dlrun import checkpoint
 from dlrun.cli import CONFIG_DIR, run
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 
 QUICK = (

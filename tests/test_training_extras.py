@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from dlrun import checkpoint
 from dlrun.cli import run
+from dlrun.engine import checkpoint
+from dlrun.engine.hooks.ema import WeightEMA
 from dlrun.errors import UserError
-from dlrun.trainers.ema import WeightEMA
 from tests.test_optimize import Killed, stable
 
 # 200 fixture images in batches of 50: 4 steps an epoch; LeNet-BN has BatchNorm buffers to average.

@@ -106,7 +106,7 @@ def test_torchvision_weights_file_loads_by_position(make_cfg, tmp_path) -> None:
 
 
 def test_nothing_left_to_train_is_a_user_error(make_cfg, tmp_path, monkeypatch) -> None:
-    from dlrun import transfer
+    from dlrun.engine import transfer
 
     def freeze_everything(model, spec) -> None:  # a network whose head sits inside its features
         for p in model.parameters():

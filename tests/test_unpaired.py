@@ -16,12 +16,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dlrun import checkpoint
 from dlrun.cli import CONFIG_DIR
 from dlrun.data import folder, unpaired
 from dlrun.data.base import ClassificationData
 from dlrun.data.folder import read_flat
 from dlrun.data.unpaired import FOLDERS, UnpairedData
+from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 from tests.fixtures import write_unpaired
 

@@ -87,7 +87,7 @@ def test_command_line_and_recipes_still_win() -> None:
     assert (c.optim._target_, c.optim.lr, c.sched._target_) == (
         "torch.optim.Adam",
         0.123,
-        "dlrun.sched.step",
+        "dlrun.engine.sched.step",
     )
     assert cfg("model=vgg11", "optim.lr=0.002").optim.lr == 0.002
     # Recipes listed after model in train.yaml keep their own optimizer and values.
@@ -102,7 +102,7 @@ def test_command_line_and_recipes_still_win() -> None:
     assert (r18.hydra.runtime.choices.optim, r18.optim.lr, r18.sched._target_) == (
         "sgd",
         0.1,
-        "dlrun.sched.cosine",
+        "dlrun.engine.sched.cosine",
     )
     # optim=sgd itself is unchanged (experiments and the README's commands use it).
     sgd = cfg("optim=sgd").optim

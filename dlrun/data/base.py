@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dlrun import dist
 from dlrun.data.augment import Augmentation
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.pairs import MetricLoaders
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
+from dlrun.engine import dist
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)

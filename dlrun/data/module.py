@@ -29,7 +29,7 @@ class DataModule(Protocol):
     def setup(
         self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
     ) -> None:
-        """Move the data to `device` and seed the generators; world_size None: dlrun.dist's.
+        """Move the data to `device` and seed the generators; world_size None: dlrun.engine.dist's.
 
         The order generator is seeded with `seed` on every rank, so all ranks draw the same
         global batches. One process uses that generator for augmentation too (the stream dlrun

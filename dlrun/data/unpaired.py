@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 import torch
 from torch import Tensor
 
-from dlrun import dist
 from dlrun.data.archive import safe_extract
 from dlrun.data.base import Splits, missing_data
 from dlrun.data.download import download_tip, failure_reason, new_folders_removed_on_failure
@@ -27,6 +26,7 @@ from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import SequentialSampler, ShardedSampler, UnpairedSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip
+from dlrun.engine import dist
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)

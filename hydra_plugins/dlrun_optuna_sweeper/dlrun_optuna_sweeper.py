@@ -29,7 +29,7 @@ def user_error(message: str) -> BaseException:
 def monitor_direction(config: DictConfig) -> tuple[str | None, str | None]:
     """(trainer.monitor, the direction it improves in); the direction is None when only the
     built trainer knows it (monitor and monitor_mode both `auto`)."""
-    from dlrun.trainers.monitor import LOWER_IS_BETTER
+    from dlrun.engine.monitor import LOWER_IS_BETTER
 
     monitor = OmegaConf.select(config, "trainer.monitor")
     mode = OmegaConf.select(config, "trainer.monitor_mode", default="max")

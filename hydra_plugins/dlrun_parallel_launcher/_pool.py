@@ -36,7 +36,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 from omegaconf.basecontainer import BaseContainer
 
-from dlrun.sweep import FAILED  # a failed job's record, which the sweep summary reads
+from dlrun.launch.sweep import FAILED  # a failed job's record, which the sweep summary reads
 from hydra_plugins.dlrun_parallel_launcher.parallel_launcher import Slot
 
 log = logging.getLogger(__name__)

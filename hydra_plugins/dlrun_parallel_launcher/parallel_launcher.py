@@ -29,7 +29,7 @@ class Slot:
 
     def env(self) -> dict[str, str]:
         """Its environment, set before it starts, so torch reads it when CUDA initialises."""
-        # dlrun.threads reads these (DLRUN_NUM_THREADS: trainer.num_threads=null's count).
+        # dlrun.launch.threads reads these (DLRUN_NUM_THREADS: trainer.num_threads=null's count).
         out = {"DLRUN_NUM_THREADS": str(self.threads), "DLRUN_SLOT": f"{self.index}/{self.of}"}
         if self.gpu is not None:
             out["CUDA_VISIBLE_DEVICES"] = self.gpu
@@ -91,7 +91,7 @@ def _setting(key: str, value: Any, low: int, example: str) -> int:
 
 
 def cores() -> int:
-    """The cores this process may use (as dlrun.threads counts them)."""
+    """The cores this process may use (as dlrun.launch.threads counts them)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

@@ -13,7 +13,7 @@ pickle it returns. Two things make that requeued job continue rather than start 
 - `launch()` pins `hydra.sweep.dir` (a `${now:...}` folder would name a new folder on the
   requeue) so the new process finds that run folder.
 
-dlrun itself (dlrun.cluster) catches the signal first, finishes the step, writes the checkpoint,
+dlrun itself (dlrun.launch.cluster) catches the signal first, finishes the step, writes the checkpoint,
 and only then hands the signal back to submitit to requeue.
 """
 
@@ -30,7 +30,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 def _resumable(self: Any, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
     import submitit  # lazy, as Hydra's launcher: plugin discovery stays fast
 
-    from dlrun import rundir
+    from dlrun.launch import rundir
 
     overrides = list(sweep_overrides)
     if rundir.committed() and "resume=true" not in overrides:

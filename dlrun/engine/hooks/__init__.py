@@ -1,0 +1,2 @@
+"""Side effects the loop calls around steps and evaluations: weight averaging, profiling, top-k
+checkpoints."""

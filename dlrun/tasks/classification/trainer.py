@@ -1,0 +1,132 @@
+"""Image classification: cross-entropy / hinge training, accuracy, best.pt by val/acc."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from dlrun.config import checks
+from dlrun.engine import checkpoint, introspect
+from dlrun.engine.trainer import Sums, Trainer
+from dlrun.errors import UserError
+from dlrun.tasks.classification import class_report
+from dlrun.tasks.classification.class_report import EvalAccumulator
+from dlrun.tasks.classification.losses import Objective
+from dlrun.tasks.classification.modes import ClassifyModes
+
+TTA = ("none", "flip")
+
+
+class ClassificationTrainer(ClassifyModes, Trainer):
+    """Trains `model(image) -> logits` against integer labels."""
+
+    modes = ("train", "eval", "predict", "export")
+    scores_test_at_end = True  # data.val_split > 0: test/* at the end, by the final weights
+
+    def __init__(self, *, loss: Objective, tta: str = "none", **kwargs: Any) -> None:
+        if getattr(kwargs.get("model"), "embedding_dim", None) is not None:
+            raise UserError(
+                "model=siamese is an embedding network, not a classifier: it trains with "
+                "trainer=metric (which model=siamese picks; drop trainer=classification)."
+            )
+        if not isinstance(loss, Objective):
+            raise UserError(
+                f"loss={getattr(loss, 'name', type(loss).__name__)} is not a classification loss; "
+                "a classifier trains with loss=cross_entropy or loss=hinge."
+            )
+        if tta not in TTA:
+            raise UserError(f"eval.tta must be one of {', '.join(TTA)}, got '{tta}'.")
+        super().__init__(**kwargs)
+        self.loss, self.tta = loss, tta
+        self.aux_weight = float(getattr(self.model, "aux_weight", 0.0))
+
+    def check_model(self) -> None:
+        info = self.data.describe()
+        name = self.hparams.get("model") or type(self.model).__name__
+        checks.check_image_size(self.model, tuple(info["input_shape"]), str(name))
+        if hasattr(self.model, "init_from_data"):  # a data-dependent init (airbench's whitening)
+            self.model.init_from_data(self.data.example_batch(5000, "train")["image"].cpu())
+
+    def logged_metrics(self) -> list[str]:
+        return ["val/acc", "val/loss", "train/loss", "train/acc"]
+
+    def step(self, batch: Mapping[str, Tensor]) -> Sums:
+        x, y = batch["image"], batch["label"]
+        # data.mixup / data.cutmix: soft (B, K) targets for the loss; y stays the dominant class
+        target = batch.get("target", y)
+        with self.autocast():
+            # (B, K), or GoogLeNet's (logits, aux1, aux2) in training
+            out = self.net()(self.layout(x))
+            logits, *aux = out if isinstance(out, tuple) else (out,)
+            loss = self.loss(logits, target)
+        total = loss + self.loss.penalty(self.model) if self.loss.l1 or self.loss.l2 else loss
+        if aux:  # the auxiliary classifiers' losses, weighted as the model says (0.3 in the paper)
+            total = total + self.aux_weight * sum(self.loss(a, target) for a in aux)
+        self.optimize(total)
+        b = len(y)  # per image: the loop divides each sum by its count once per epoch
+        return {"loss": (loss.detach() * b, b), "acc": ((logits.argmax(1) == y).sum(), b)}
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        gathered = EvalAccumulator(self.device)  # confusion, PR histograms, worst examples
+        for batch in loader:
+            x, y = batch["image"], batch["label"]
+            with self.autocast():
+                logits = self.predict(self.layout(x))
+            loss_sum += self.loss(logits.float(), y) * len(y)
+            gathered.add(logits, y, x)
+        loss, report = gathered.finish(loss_sum, self.data.describe()["classes"])
+        # Kept for log_evaluation / log_end: images are not written here, as evaluate may run
+        # more than once per evaluation (e.g. again with averaged weights, for scalars only).
+        self.eval_reports = {**getattr(self, "eval_reports", {}), prefix: report}
+        n = int(report.confusion.sum())
+        return {
+            f"{prefix}/loss": loss / n,
+            f"{prefix}/acc": float(report.confusion.trace()) / n,
+        } | report.class_accuracy(prefix)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Evaluation logits; with eval.tta=flip, the mean over the image and its mirror."""
+        logits = self.net()(x)
+        if self.tta == "flip":
+            logits = (logits + self.net()(x.flip(3))) / 2
+        return logits
+
+    def log_start(self, writer: SummaryWriter) -> None:
+        # Stored images, not a loader batch: drawing one would advance the data RNG.
+        images = self.data.example_batch(32, "train", mean=[0.0], std=[1.0])["image"]
+        writer.add_image("train/images", make_grid(images, nrow=8), 0)
+        self.log_inside(writer)
+        example = self.data.example_batch(2, "val")["image"].to(self.device)
+        class_report.log_graph(writer, checkpoint.unwrap(self.model), self.layout(example))
+
+    def log_end(self, writer: SummaryWriter) -> None:
+        self.log_inside(writer)
+        report = getattr(self, "eval_reports", {}).get("val")
+        if report is not None and report.worst is not None:  # the last validation's
+            class_report.log_worst(
+                writer, "val/worst_examples", report.worst, self.data.describe()["classes"],
+                self.data.mean, self.data.std, self.step_count,
+            )  # fmt: skip
+
+    def log_evaluation(self, writer: SummaryWriter, prefix: str) -> None:
+        """The evaluation's confusion matrix and PR curves, from what `evaluate` kept."""
+        report = getattr(self, "eval_reports", {}).get(prefix)
+        if report is not None:
+            report.write(writer, prefix, self.step_count)
+
+    def log_inside(self, writer: SummaryWriter) -> None:
+        """The notes' "what the network sees": first-layer filters, feature maps of one image."""
+        filters = introspect.first_conv_filters(self.model)
+        if filters is not None:
+            writer.add_image("inside/filters", filters, self.step_count)
+        image = self.data.example_batch(1, "val")["image"][0]
+        for name, fmap in introspect.stage_outputs(self.model, image):
+            writer.add_image(
+                f"inside/{name}", introspect.feature_grid(fmap), self.step_count
+            )

@@ -1,1 +1,0 @@
-"""The shared loop (`base.Trainer`) and one subclass per task."""
