@@ -84,7 +84,7 @@ def test_holdout_classes_leave_training_and_validation_but_not_the_test_split(ma
     assert not torch.isin(data.train_y, torch.tensor([8, 9])).any()
     assert not torch.isin(data.val_y, torch.tensor([8, 9])).any()
     assert torch.isin(data.test_y, torch.tensor([8, 9])).any()
-    i, j = data.eval_pairs("test", [8, 9])
+    i, j = trainer.pairs.eval_pairs("test", [8, 9])
     assert torch.isin(data.test_y[i], torch.tensor([8, 9])).all()
     assert torch.isin(data.test_y[j], torch.tensor([8, 9])).all()
 
@@ -346,7 +346,7 @@ def test_without_val_split_the_threshold_is_fitted_on_held_out_training_images(
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     trainer.model.load_state_dict(state["model"])
     e, _ = trainer.embed(trainer.data.example_batch(100, "test")["image"])
-    i, j = trainer.data.eval_pairs("test")
+    i, j = trainer.pairs.eval_pairs("test")
     same = trainer.data.test_y[i] == trainer.data.test_y[j]
     distance = (e[i] - e[j]).norm(dim=1)
     by_hand = ((distance <= -state["task"]["threshold"]) == same).float().mean().item()

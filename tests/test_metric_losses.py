@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dlrun.tasks.distill.losses import distillation_loss
 from dlrun.tasks.metric_learning.losses import (
+    MetricObjective,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     contrastive_loss,
@@ -74,6 +75,65 @@ def test_batch_all_averages_the_active_triplets_and_counts_them() -> None:
     # (0,1,2): 1 - 1.5 + 1 = 0.5; (1,0,2): 1 - 0.5 + 1 = 1.5: both active
     loss, frac = batch_all_triplet_loss(x, labels, margin=1.0)
     assert loss.item() == pytest.approx(1.0, rel=1e-5) and frac.item() == 1.0
+
+
+class LinearNet:
+    """An Embedder (losses.Embedder) of known maps: a fixed linear embedding, an L1 head."""
+
+    def __init__(self) -> None:
+        self.w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+
+    def embed_one(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.w
+
+    def embed_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_one(a), self.embed_one(b)
+
+    def same_logit(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        return 1 - (ea - eb).abs().sum(1)
+
+
+class Loaders:
+    def pair_loader(self) -> str:
+        return "pairs"
+
+    def pk_loader(self) -> str:
+        return "pk"
+
+
+def test_each_objective_names_its_batches_and_computes_its_loss_from_their_embeddings() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, xb = torch.randn(6, 1, 2, 2, generator=g), torch.randn(6, 1, 2, 2, generator=g)
+    y, yb = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 0, 2, 0])
+    batch = {"image": x, "label": y, "image_b": xb, "label_b": yb}
+    net = LinearNet()
+    ea, eb, e = net.embed_one(x), net.embed_one(xb), net.embed_one(x)
+    same, d = y == yb, (net.embed_one(x) - net.embed_one(xb)).norm(dim=1)
+
+    contrastive = MetricObjective("contrastive", margin=0.7)
+    assert contrastive.batches == "pairs" and contrastive.loader(Loaders()) == "pairs"
+    loss, logged = contrastive(batch, net)
+    assert torch.equal(loss, contrastive_loss(ea, eb, same, 0.7))
+    assert set(logged) == {"dist_pos", "dist_neg"} and int(logged["dist_pos"][1]) == 3
+    assert torch.allclose(logged["dist_pos"][0], d[same].sum())
+    assert torch.allclose(logged["dist_neg"][0], d[~same].sum())
+
+    bce = MetricObjective("pair_bce", margin=0.0)
+    assert bce.trains_head and not contrastive.trains_head and bce.batches == "pairs"
+    loss, logged = bce(batch, net)
+    logit = net.same_logit(ea, eb)
+    assert torch.equal(loss, F.binary_cross_entropy_with_logits(logit, same.float()))
+    assert int(logged["acc"][0]) == int(((logit > 0) == same).sum()) and logged["acc"][1] == 6
+
+    hard = MetricObjective("triplet", margin=0.5)
+    assert hard.batches == "pk" and hard.loader(Loaders()) == "pk"
+    loss, logged = hard(batch, net)
+    assert torch.equal(loss, batch_hard_triplet_loss(e, y, 0.5)) and logged == {}
+
+    every = MetricObjective("triplet", margin=0.5, mining="batch_all")
+    loss, logged = every(batch, net)
+    expect, active = batch_all_triplet_loss(e, y, 0.5)
+    assert torch.equal(loss, expect) and torch.equal(logged["active_triplets"][0], active)
 
 
 def test_distillation_is_cross_entropy_at_alpha_0_and_minimal_at_the_teachers_logits() -> None:

@@ -2,6 +2,7 @@
 resume bit for bit (mid-epoch too), shard under torchrun, and `auto` picks the path by size."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,26 @@ def test_streaming_settings_that_cannot_work_are_clear_errors(
     cfg = cfg_of(folder, tmp_path, "data.in_memory=false", override)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(cfg.data, "data")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.eval_batch_size=0", "data.eval_batch_size must be a positive integer, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be at least 0, got -1"),
+        ("+data.seq_mode=column", "data.seq_mode must be row or pixel, got 'column'"),
+        ("data.val_split=-1", "data.val_split must be >= 0"),
+        ("data.bad_images=maybe", "data.bad_images='maybe' is not a policy; use one of: error"),
+        ("data.mixup=-1", "data.mixup"),
+    ],
+)
+def test_both_paths_check_the_keys_they_share_alike(
+    folder: Path, tmp_path: Path, override: str, message: str
+):
+    for mode in ("true", "false"):  # one definition (dlrun.data.labelled): the same refusal
+        cfg = cfg_of(folder, tmp_path, f"data.in_memory={mode}", override)
+        with pytest.raises(UserError, match=re.escape(message)):
+            build(cfg.data, "data")
 
 
 def test_an_undecodable_file_is_named_or_skipped(folder: Path, tmp_path: Path):

@@ -38,6 +38,11 @@ MOVED_MODULES = {
 # Single names that moved to another module than the rest of theirs (old path -> new path).
 MOVED_TARGETS: dict[str, str] = {
     "dlrun.metric_losses.distillation_loss": "dlrun.tasks.distill.losses.distillation_loss",
+    # The labelled image sets' `_target_` up to commit 7aa44ad: the in-memory class, or the
+    # chooser of the streamed module; today one factory builds either and gives it its pairs
+    # (data.holdout_classes ... data.pair_seed are no arguments of the class any more).
+    "dlrun.data.ClassificationData": "dlrun.data.image_sets.labelled_images",
+    "dlrun.data.streamed.image_classification": "dlrun.data.image_sets.labelled_images",
 }
 
 

@@ -9,12 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dlrun.data.augment import Augmentation
+from dlrun.data.labelled import LabelledImages
 from dlrun.data.module import DeviceGenerators
-from dlrun.data.pairs import MetricLoaders
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.tensor_loader import TensorLoader
-from dlrun.data.transforms import Normalize, RandomCrop, RandomHFlip, Transform
+from dlrun.data.transforms import RandomCrop, RandomHFlip, Transform
 from dlrun.engine import dist
 from dlrun.errors import UserError
 
@@ -58,123 +57,48 @@ def held_out(n: int, val_split: float) -> tuple[Tensor, Tensor]:
     return perm[:n_val], perm[n_val:]
 
 
-class ClassificationData(MetricLoaders, DeviceGenerators):
+class ClassificationData(LabelledImages, DeviceGenerators):
     """A classification data set held in tensors (a `DataModule`): `setup` moves it to the device.
 
     Batches are {"image": normalised float (B, C, H, W), "label": int64 (B,)}; training shuffles
     (one randperm per epoch), random-crops with `crop_padding`, flips with `hflip`, and applies
     the per-image augmentation of dlrun.data.augment (RandAugment ... mixup: "target" (B, K)).
+    It offers its tensors (split, normalize, loader) to what builds batches of its own on them,
+    as metric learning's pairs (dlrun.data.pairs.PairBatches).
     """
-
-    kind = "classification"  # what trainers check their batches against (Trainer.data_kinds)
 
     def __init__(
         self,
         *,
-        name: str,
         source: Callable[[Path, bool], Splits],
-        root: str,
         download: bool = True,
-        channels: int,
-        image_size: int,
-        num_classes: int | None,
-        mean: Sequence[float],
-        std: Sequence[float],
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
-        val_split: float = 0.0,
-        crop_padding: int = 0,
-        hflip: bool = False,
-        num_workers: int = 0,
-        bad_images: str = "error",
-        seq_mode: str | None = None,
-        holdout_classes: Sequence[int] | None = None,
-        classes_per_batch: int | None = None,
-        verify_pairs: int = 10000,
-        pair_seed: int = 0,
-        mixup: float = 0.0,
-        cutmix: float = 0.0,
-        mix_switch_prob: float = 0.5,
-        randaugment: Mapping[str, Any] | None = None,
-        trivialaugment: bool = False,
-        random_erasing: float = 0.0,
+        **options: Any,  # the data.* keys both labelled modules take (dlrun.data.labelled)
     ) -> None:
-        # Checked before the data set is read: a bad value fails at once.
-        self.augment = Augmentation(
-            channels=channels, mixup=mixup, cutmix=cutmix, mix_switch_prob=mix_switch_prob,
-            randaugment=randaugment, trivialaugment=trivialaugment, random_erasing=random_erasing,
-        )  # fmt: skip
-        # seq_mode (row | pixel): how sequence models (model=rnn/lstm/gru) read each image; the
-        # model config takes it from here (${data.seq_mode}), the data itself is unchanged.
-        if seq_mode not in (None, "row", "pixel"):
-            raise UserError(f"data.seq_mode must be row or pixel, got '{seq_mode}'.")
-        self.seq_mode = seq_mode
-        # num_workers and bad_images are read by the image-folder sources (through data.source);
-        # bad_images is checked here too, so a typo fails even where no image folder is read.
-        if bad_images not in ("error", "skip"):
-            raise UserError(
-                f"data.bad_images={bad_images!r} is not a policy; use one of: error, skip."
-            )
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UserError(f"data.batch_size must be a positive integer, got {batch_size}.")
-        if not 0 <= val_split:
-            raise UserError(
-                f"data.val_split must be >= 0 (a fraction < 1 or a count), got {val_split}."
-            )
-        self.name, self.root = name, Path(root).expanduser()
-        self.channels, self.image_size, self.mean, self.std = channels, image_size, mean, std
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.crop_padding, self.hflip = crop_padding, hflip
+        super().__init__(**options)
+        name, channels, image_size = self.name, self.channels, self.image_size
         splits = source(self.root, download)
         self.classes = splits.classes
-        self.num_classes = num_classes or len(splits.classes)
+        self.num_classes = self.num_classes or len(splits.classes)
         if splits.train_x.shape[1] != channels:
             raise UserError(
                 f"data.channels is {channels} but {name} images have {splits.train_x.shape[1]} channels."
             )
         train_x, train_y = splits.train_x, splits.train_y
-        # Metric learning (Siamese / triplet): classes kept out of training (and of the validation
-        # split, cut from training) to verify one-shot on classes never seen; the test split keeps them.
-        self.holdout_classes = [int(c) for c in holdout_classes or []]
-        if self.holdout_classes:
-            known = set(range(self.num_classes))
-            if (
-                not set(self.holdout_classes) <= known
-                or len(self.holdout_classes) >= self.num_classes
-            ):
-                raise UserError(
-                    f"data.holdout_classes={self.holdout_classes} must name some, not all, of the "
-                    f"class indices 0..{self.num_classes - 1} of {name}."
-                )
-            keep = ~torch.isin(train_y, torch.tensor(self.holdout_classes))
-            train_x, train_y = train_x[keep], train_y[keep]
-        if verify_pairs < 2 or (classes_per_batch is not None and classes_per_batch < 2):
-            raise UserError(
-                "data.verify_pairs and data.classes_per_batch must be at least 2, got "
-                f"{verify_pairs} and {classes_per_batch}."
-            )
-        self.classes_per_batch, self.verify_pairs = classes_per_batch, verify_pairs
-        self.pair_seed = pair_seed
-        if train_subset is not None:
-            train_x, train_y = train_x[:train_subset], train_y[:train_subset]
-        self.val_name = "test"
+        if self.train_subset is not None:
+            train_x, train_y = train_x[: self.train_subset], train_y[: self.train_subset]
         self.val_x, self.val_y = splits.test_x, splits.test_y
-        if val_split:
-            held, kept = held_out(len(train_x), val_split)
+        if self.val_split:
+            held, kept = held_out(len(train_x), self.val_split)
             self.val_x, self.val_y = train_x[held], train_y[held]
             train_x, train_y = train_x[kept], train_y[kept]
             self.val_name = "held-out train"
         self.train_x, self.train_y = train_x, train_y
         self.test_x, self.test_y = splits.test_x, splits.test_y
-        self.eval_subset = eval_subset
+        eval_subset = self.eval_subset
         if eval_subset is not None:  # quick looks on slow machines: the first N evaluation images
             self.val_x, self.val_y = self.val_x[:eval_subset], self.val_y[:eval_subset]
             self.test_x, self.test_y = self.test_x[:eval_subset], self.test_y[:eval_subset]
-        # Filled by setup(); until then loaders draw from torch's global generator.
-        self._generators: dict[str, torch.Generator] = {}
-        self.rank, self.world_size = 0, 1
+        self.offers["tensors"] = self
         log.info(
             "data %s: %d train, %d val (%s split), %d test images of %dx%dx%d, %d classes",
             name,
@@ -208,11 +132,6 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
         self.val_name = "held-out train"
         return count
 
-    @property
-    def val_is_test(self) -> bool:
-        """True when val/* scores the test split (no val_split): the numbers papers report."""
-        return self.val_name == "test"
-
     def setup(
         self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
     ) -> None:
@@ -230,28 +149,35 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
         self.rank, self.world_size = rank, world_size
         self.seed_generators(device, seed, rank, world_size)
 
-    def _split(self, split: str) -> tuple[Tensor, Tensor]:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        return getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The images (uint8 (N, C, H, W)) and labels of "train", "val" or "test", in order."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {name!r}")
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
 
-    def _normalize(
-        self, mean: float | Sequence[float] | None, std: float | Sequence[float] | None
-    ) -> Normalize:
-        return Normalize(self.mean if mean is None else mean, self.std if std is None else std)
+    def loader(
+        self,
+        tensors: dict[str, Tensor],
+        sampler: Sampler,
+        transforms: Sequence[Transform],
+        groups: Mapping[str, str] | None = None,
+    ) -> TensorLoader:
+        """A TensorLoader of these tensors that draws from this module's generators."""
+        gens = self._generators
+        return TensorLoader(
+            tensors,
+            sampler,
+            transforms=transforms,
+            groups=groups,
+            order_generator=gens.get("order"),
+            aug_generator=gens.get("aug"),
+        )
 
     def _loader(
         self, split: str, sampler: Sampler, transforms: Sequence[Transform]
     ) -> TensorLoader:
-        x, y = self._split(split)
-        gens = self._generators
-        return TensorLoader(
-            {"image": x, "label": y},
-            sampler,
-            transforms=transforms,
-            order_generator=gens.get("order"),
-            aug_generator=gens.get("aug"),
-        )
+        x, y = self.split(split)
+        return self.loader({"image": x, "label": y}, sampler, transforms)
 
     def train_loader(
         self,
@@ -278,17 +204,17 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
         if self.hflip:
             transforms.append(RandomHFlip())
         transforms += self.augment.before_normalize()  # on uint8, as torchvision's
-        transforms.append(self._normalize(mean, std))
+        transforms.append(self.normalize(mean, std))
         transforms += self.augment.after_normalize(self.num_classes)  # erasing, then mixing
         return self._loader("train", sampler, transforms)
 
     def val_loader(self) -> TensorLoader:
         sampler = SequentialSampler(len(self.val_x), self.eval_batch_size)
-        return self._loader("val", sampler, [self._normalize(None, None)])
+        return self._loader("val", sampler, [self.normalize(None, None)])
 
     def test_loader(self) -> TensorLoader:
         sampler = SequentialSampler(len(self.test_x), self.eval_batch_size)
-        return self._loader("test", sampler, [self._normalize(None, None)])
+        return self._loader("test", sampler, [self.normalize(None, None)])
 
     def example_batch(
         self,
@@ -298,8 +224,8 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
         mean: float | Sequence[float] | None = None,
         std: float | Sequence[float] | None = None,
     ) -> dict[str, Tensor]:
-        x, y = self._split(split)
-        return {"image": self._normalize(mean, std).normalize(x[:n]), "label": y[:n]}
+        x, y = self.split(split)
+        return {"image": self.normalize(mean, std).normalize(x[:n]), "label": y[:n]}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -309,5 +235,4 @@ class ClassificationData(MetricLoaders, DeviceGenerators):
             "classes": list(self.classes),
             "sizes": {"train": len(self.train_x), "val": len(self.val_x), "test": len(self.test_x)},
             "val_is_test": self.val_is_test,
-            "holdout_classes": list(self.holdout_classes),
         }

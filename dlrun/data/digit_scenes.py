@@ -114,6 +114,8 @@ class SceneData(DeviceGenerators):
         self.scenes: dict[str, Scenes] = {}
         self.rank, self.world_size = 0, 1
         self._generators: dict[str, torch.Generator] = {}
+        # What trainers may `require` (dlrun.data.module.CAPABILITIES): anchors fit box_sizes.
+        self.offers: dict[str, Any] = {"boxes": self, "normalization": self}
 
     def setup(
         self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None

@@ -9,15 +9,49 @@ transforms and the module's two generators. Batches are dicts of tensors ("image
 Data larger than memory fits the same protocol: its loaders may be any iterable of dict batches
 with `__len__`, `iterate(resume)` and `position()` (a DataLoader wrapper whose position is the
 batch count plus its generators' states), so trainers do not tell the two apart.
+
+What a task needs beyond the loaders (pairs of images, box sizes, ...) a module declares in
+`offers` and a trainer asks for with `require`: one clear error instead of an AttributeError deep
+in a run, and no trainer guessing at a module's attributes.
 """
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from dlrun.data.tensor_loader import TensorLoader
+from dlrun.errors import UserError
+
+
+class Capability(NamedTuple):
+    what: str  # what a trainer needs, as its error says it
+    fix: str  # the data configs that offer it
+
+
+# What a module may offer beyond the loaders, and what its provider (`offers[name]`) has.
+CAPABILITIES = {
+    # dlrun.data.pairs.PairBatches: pair_loader(), pk_loader(), eval_pairs(split, classes),
+    # holdout_classes, hold_out_validation(fraction, minimum)
+    "pairs": Capability(
+        "pairs and P x K batches of labelled images held in memory",
+        "use data=mnist, fashion_mnist or cifar10, or data=imagefolder with data.in_memory=true",
+    ),
+    # the module (dlrun.data.base.ClassificationData): split(name) -> (images, labels),
+    # normalize(mean, std), loader(tensors, sampler, transforms, groups), batch_size,
+    # crop_padding, hflip, rank, world_size, hold_out_validation(fraction, minimum)
+    "tensors": Capability(
+        "labelled images held in memory",
+        "use data.in_memory=true, or data=mnist, fashion_mnist or cifar10",
+    ),
+    # the module (dlrun.data.digit_scenes.SceneData): box_sizes(split) -> (N, 2) widths, heights
+    "boxes": Capability("object boxes", "use data=mnist_det"),
+    # the module: mean and std, the per-channel normalisation of its batches
+    "normalization": Capability(
+        "the mean and std of its images", "use a data set of configs/data/"
+    ),
+}
 
 
 class DataModule(Protocol):
@@ -25,6 +59,9 @@ class DataModule(Protocol):
     kind: str  # "classification" (image, label), "unpaired" (image_a, image_b): Trainer.data_kinds
     batch_size: int  # the global batch: with several ranks each trains on its share
     eval_batch_size: int
+    # Optional (none: offers nothing): each capability (CAPABILITIES) -> the object that provides
+    # its members, often the module itself. Trainers read it through `require` / `offered`.
+    offers: Mapping[str, Any]
 
     def setup(
         self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
@@ -103,3 +140,28 @@ class DeviceGenerators:
         if not getattr(self, "_generators", None):
             raise RuntimeError("call setup() before generators(): they are made on the device")
         return dict(self._generators)
+
+
+def offered(data: "DataModule", capability: str) -> Any | None:
+    """What provides `capability` for `data` (`data.offers[capability]`), or None."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; one of {sorted(CAPABILITIES)}")
+    # `offers` is optional in the protocol: a module of one's own may leave it out.
+    offers: Mapping[str, Any] = getattr(data, "offers", None) or {}
+    return offers.get(capability)
+
+
+def require(data: "DataModule", capability: str, *, by: str) -> Any:
+    """The provider of `capability` for `data`, or one UserError naming who needs it and the fix.
+    `by`: who asks, as the user chose it (e.g. "trainer=metric")."""
+    provider = offered(data, capability)
+    if provider is None:
+        what, fix = CAPABILITIES[capability]
+        raise UserError(f"{by} needs {what}, which data={data.name} does not offer; {fix}.")
+    return provider
+
+
+def kind_of(data: "DataModule") -> str:
+    """`data.kind`: the batches it serves (Trainer.data_kinds); a module of one's own without one
+    serves classification batches (image, label)."""
+    return getattr(data, "kind", "classification")

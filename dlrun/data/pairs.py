@@ -4,13 +4,19 @@ Training pairs: every image of the epoch is an anchor once (one randperm); every
 gets a partner of its own class (a distinct image), the rest one of another class, so each batch
 is half same, half different. Evaluation pairs are fixed: drawn once on the CPU with their own
 seed (`data.pair_seed`), so every run of a sweep, whatever its `seed`, is scored on the same pairs.
+`PairBatches` makes them of any labelled module held in tensors (dlrun.data.image_sets gives one
+to each such module, as the module's "pairs" capability).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from dlrun.data.base import Splits
+from dlrun.data.module import DataModule, require
 from dlrun.data.samplers import (
     ClassBalancedSampler,
     Sampler,
@@ -114,81 +120,90 @@ def fixed_pairs(labels: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
     return anchors, index.partners(anchors, same, g)
 
 
-class MetricLoaders:
-    """The metric-learning loaders of a classification data module (mixed into ClassificationData):
-    `pair_loader`, `pk_loader`, and the fixed pairs of the evaluation splits."""
+class PairBatches:
+    """Metric learning's batches of a labelled data module held in tensors: its "pairs" capability.
 
-    batch_size: int
-    crop_padding: int
-    hflip: bool
-    classes_per_batch: int | None
-    verify_pairs: int
-    pair_seed: int
-    holdout_classes: list[int]
-    world_size: int
-    rank: int
-    _generators: dict[str, torch.Generator]
-    train_x: Tensor
-    train_y: Tensor
+    Wraps the module (anything that offers "tensors": dlrun.data.module.CAPABILITIES) and reads
+    its splits when a loader is asked for, after `setup` and any `hold_out_validation`: balanced
+    pairs, P x K batches, the fixed evaluation pairs, and the classes held out of training
+    (`without_classes` took them out of the module's source).
+    """
 
-    # and ClassificationData's _split(split) -> (x, y) and _normalize(mean, std) -> Normalize
+    def __init__(
+        self,
+        labelled: DataModule,
+        *,
+        holdout_classes: Sequence[int] | None = None,
+        classes_per_batch: int | None = None,
+        verify_pairs: int = 10000,
+        pair_seed: int = 0,
+    ) -> None:
+        self.labelled = require(labelled, "tensors", by="Metric learning")
+        if verify_pairs < 2 or (classes_per_batch is not None and classes_per_batch < 2):
+            raise UserError(
+                "data.verify_pairs and data.classes_per_batch must be at least 2, got "
+                f"{verify_pairs} and {classes_per_batch}."
+            )
+        # One-shot verification: classes never trained on (nor in the validation split, which is
+        # cut from training); the test split keeps them.
+        self.holdout_classes = [int(c) for c in holdout_classes or []]
+        self.classes_per_batch, self.verify_pairs = classes_per_batch, verify_pairs
+        self.pair_seed = pair_seed
+
+    def hold_out_validation(self, fraction: float = 0.1, minimum: int = 1000) -> int:
+        """The labelled module's: hold training images out for the threshold (see there)."""
+        return self.labelled.hold_out_validation(fraction, minimum)
 
     def _augment(self, keys: Sequence[str]) -> list[Transform]:
         out: list[Transform] = []
-        if self.crop_padding:
-            out.append(RandomCrop(padding=self.crop_padding, keys=keys))
-        if self.hflip:
+        if self.labelled.crop_padding:
+            out.append(RandomCrop(padding=self.labelled.crop_padding, keys=keys))
+        if self.labelled.hflip:
             out.append(RandomHFlip(keys=keys))
         return out
+
+    def _shard(self, sampler: Sampler) -> Sampler:
+        """Every rank draws the same batches and keeps its slice of them."""
+        world = self.labelled.world_size
+        return ShardedSampler(sampler, self.labelled.rank, world) if world > 1 else sampler
 
     def pair_loader(self) -> TensorLoader:
         """Batches {"image", "label", "image_b", "label_b"}: half the pairs of one class. Each
         image of a pair is cropped and flipped on its own draw."""
-        sampler: Sampler = PairSampler(self.train_y, self.batch_size)
-        if self.world_size > 1:  # every rank draws the same pairs and keeps its slice of them
-            sampler = ShardedSampler(sampler, self.rank, self.world_size)
-        norm = self._normalize(None, None)
+        x, y = self.labelled.split("train")
+        sampler = self._shard(PairSampler(y, self.labelled.batch_size))
+        norm = self.labelled.normalize()
         transforms = self._augment(["image"]) + self._augment(["image_b"])
         transforms.append(Normalize(norm.mean, norm.std, keys=("image", "image_b")))
-        x, y = self.train_x, self.train_y
-        return TensorLoader(
+        return self.labelled.loader(
             {"image": x, "label": y, "image_b": x, "label_b": y},
             sampler,
-            transforms=transforms,
+            transforms,
             groups={"image": "a", "label": "a", "image_b": "b", "label_b": "b"},
-            order_generator=self._generators.get("order"),
-            aug_generator=self._generators.get("aug"),
         )
 
     def pk_loader(self) -> TensorLoader:
         """P x K batches {"image", "label"}: P = data.classes_per_batch random classes (null: all
         training classes), K = data.batch_size // P images of each (batch-hard / batch-all mining)."""
-        classes = len(torch.unique(self.train_y))
-        p = self.classes_per_batch or classes
-        k = self.batch_size // p
+        x, y = self.labelled.split("train")
+        batch_size = self.labelled.batch_size
+        p = self.classes_per_batch or len(torch.unique(y))
+        k = batch_size // p
         if k < 2:
             raise UserError(
                 f"P x K batches need K >= 2 images per class for positives: data.batch_size="
-                f"{self.batch_size} over data.classes_per_batch={p} classes gives K={k}; raise "
+                f"{batch_size} over data.classes_per_batch={p} classes gives K={k}; raise "
                 "data.batch_size or lower data.classes_per_batch."
             )
-        sampler: Sampler = ClassBalancedSampler(self.train_y, p, k)
-        if self.world_size > 1:
-            sampler = ShardedSampler(sampler, self.rank, self.world_size)
-        transforms = self._augment(["image"]) + [self._normalize(None, None)]
-        return TensorLoader(
-            {"image": self.train_x, "label": self.train_y},
-            sampler,
-            transforms=transforms,
-            order_generator=self._generators.get("order"),
-            aug_generator=self._generators.get("aug"),
-        )
+        sampler = self._shard(ClassBalancedSampler(y, p, k))
+        transforms = self._augment(["image"]) + [self.labelled.normalize()]
+        return self.labelled.loader({"image": x, "label": y}, sampler, transforms)
 
     def eval_pairs(self, split: str, classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """The fixed pairs (i, j) of a split ("val" or "test"), indices into its items in order;
         `classes`: pairs among those classes only (one-shot verification on held-out classes).
         data.verify_pairs of them, as the split's items allow."""
-        _, y = self._split(split)
+        _, y = self.labelled.split(split)
         items = torch.arange(len(y))
         if classes is not None:
             keep = torch.isin(y.cpu(), torch.tensor(list(classes)))
@@ -196,3 +211,28 @@ class MetricLoaders:
         seed = self.pair_seed + (1 if split == "test" else 0) + (2 if classes is not None else 0)
         i, j = fixed_pairs(y, self.verify_pairs, seed)
         return items[i], items[j]
+
+
+def without_classes(
+    source: Callable[[Path, bool], Splits],
+    classes: Sequence[int],
+    *,
+    name: str,
+    num_classes: int | None,
+) -> Callable[[Path, bool], Splits]:
+    """`source` (a labelled module's reader) with `classes` taken out of its training split,
+    before the module cuts train_subset and val_split from it; the test split keeps them."""
+    held = [int(c) for c in classes]
+
+    def read(root: Path, download: bool) -> Splits:
+        splits = source(root, download)
+        n = num_classes or len(splits.classes)
+        if not set(held) <= set(range(n)) or len(held) >= n:
+            raise UserError(
+                f"data.holdout_classes={held} must name some, not all, of the class indices "
+                f"0..{n - 1} of {name}."
+            )
+        keep = ~torch.isin(splits.train_y, torch.tensor(held))
+        return replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
+
+    return read

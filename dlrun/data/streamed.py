@@ -1,14 +1,15 @@
-"""Image folders read from disk every epoch (data.in_memory=false), and `auto`'s choice of path.
+"""Image folders read from disk every epoch (data.in_memory=false), and what `auto` weighs.
 
 The in-memory path (ClassificationData) decodes a set once and serves it from the device: the
 fast path, as long as the decoded set fits. An ImageNet-sized folder does not (1.28 M images
 at 224 px are 193 GB of uint8), so `StreamingClassificationData` reads it with a DataLoader's
-worker processes instead, with the same splits, batches, metrics and resume.
+worker processes instead, with the same splits, batches, metrics and resume
+(dlrun.data.image_sets picks one of the two).
 """
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from dlrun.data.augment import Augmentation
-from dlrun.data.base import ClassificationData, Splits, held_out, missing_data
+from dlrun.data.base import held_out, missing_data
 from dlrun.data.folder import list_images
+from dlrun.data.labelled import LabelledImages
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.transforms import Normalize
@@ -27,43 +28,6 @@ from dlrun.engine import dist
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
-IN_MEMORY = ("auto", True, False)
-STREAM_ONLY = ("persistent_workers", "prefetch_factor")  # DataLoader settings: the streamed path's
-
-
-def image_classification(
-    *,
-    in_memory: bool | str = "auto",
-    memory_share: float = 0.5,
-    folder: str | None = None,
-    **kwargs: Any,
-) -> "ClassificationData | StreamingClassificationData":
-    """data.in_memory: true decodes once into tensors on the device; false streams the folders;
-    auto streams only when the decoded set exceeds memory_share of the memory it would fill."""
-    if in_memory not in IN_MEMORY:
-        raise UserError(f"data.in_memory must be auto, true or false, got {in_memory!r}.")
-    if not 0 < memory_share <= 1:
-        raise UserError(f"data.memory_share must be in (0, 1], got {memory_share}.")
-    streaming = {k: kwargs.pop(k) for k in STREAM_ONLY if k in kwargs}
-    if in_memory is True:
-        return ClassificationData(**kwargs)
-    base = Path(kwargs["root"]).expanduser() / (folder or "")
-    if in_memory == "auto":
-        if not (base / "train").is_dir():  # not an image folder (CIFAR-10's pickles): in memory
-            return ClassificationData(**kwargs)
-        need, have = decoded_bytes(base, kwargs["channels"], kwargs["image_size"]), memory_bytes()
-        if need <= memory_share * have:
-            return ClassificationData(**kwargs)
-        log.info(
-            "data.in_memory=auto: the decoded set (%.1f GB) exceeds %.0f%% of memory (%.1f GB): "
-            "reading the folders with worker processes",
-            need / 1e9,
-            100 * memory_share,
-            have / 1e9,
-        )
-    kwargs.pop("source", None)
-    kwargs.pop("download", None)
-    return StreamingClassificationData(folder=base, **kwargs, **streaming)
 
 
 def decoded_bytes(base: Path, channels: int, size: int) -> int:
@@ -90,7 +54,7 @@ def _shuffled(files: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
     return [files[i] for i in perm.tolist()]
 
 
-class StreamingClassificationData(DeviceGenerators):
+class StreamingClassificationData(LabelledImages, DeviceGenerators):
     """`<folder>/{train, val|test}/<class>/*` read by DataLoader workers (a `DataModule`).
 
     The same splits as the in-memory path (train shuffled by the fixed seed-0 permutation,
@@ -98,60 +62,19 @@ class StreamingClassificationData(DeviceGenerators):
     over RandomSampler, order generator seeded alike on every rank) and torchvision's transforms
     (RandomCrop with padding, RandomHorizontalFlip) on uint8 images in the workers; the
     per-image augmentation of dlrun.data.augment (RandAugment ... mixup) runs on the device,
-    once the batch is there, as on the in-memory path.
+    once the batch is there, as on the in-memory path. Its images are never all in memory, so it
+    offers no tensors (nor metric learning's pairs, which are built on them).
     """
-
-    kind = "classification"
 
     def __init__(
         self,
         *,
-        name: str,
         folder: Path,
-        root: str,
-        channels: int,
-        image_size: int,
-        num_classes: int | None,
-        mean: Sequence[float],
-        std: Sequence[float],
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
-        val_split: float = 0.0,
-        crop_padding: int = 0,
-        hflip: bool = False,
-        num_workers: int = 0,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
-        bad_images: str = "error",
-        seq_mode: str | None = None,
-        holdout_classes: Sequence[int] | None = None,
-        classes_per_batch: int | None = None,
-        mixup: float = 0.0,
-        cutmix: float = 0.0,
-        mix_switch_prob: float = 0.5,
-        randaugment: Mapping[str, Any] | None = None,
-        trivialaugment: bool = False,
-        random_erasing: float = 0.0,
-        **_metric: Any,  # verify_pairs, pair_seed: metric learning's, refused below if asked for
+        **options: Any,  # the data.* keys both labelled modules take (dlrun.data.labelled)
     ) -> None:
-        self.augment = Augmentation(
-            channels=channels, mixup=mixup, cutmix=cutmix, mix_switch_prob=mix_switch_prob,
-            randaugment=randaugment, trivialaugment=trivialaugment, random_erasing=random_erasing,
-        )  # fmt: skip
-        if holdout_classes or classes_per_batch:
-            raise UserError(
-                "Metric learning (data.holdout_classes, data.classes_per_batch) needs its pairs "
-                "in memory; use data.in_memory=true."
-            )
-        if bad_images not in ("error", "skip"):
-            raise UserError(f"data.bad_images={bad_images!r} is not a policy; use error or skip.")
-        if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
-            raise UserError(
-                "data.batch_size and data.eval_batch_size must be positive and data.num_workers "
-                f"at least 0, got {batch_size}, {eval_batch_size} and {num_workers}."
-            )
+        super().__init__(**options)
         test_dir = next((folder / s for s in ("val", "test") if (folder / s).is_dir()), None)
         if not (folder / "train").is_dir() or test_dir is None:
             raise missing_data(
@@ -159,15 +82,7 @@ class StreamingClassificationData(DeviceGenerators):
                 [folder / "train", folder / "val", folder / "test"],
                 f"arrange the images as {folder}/train/<class>/* and {folder}/val/<class>/*",
             )
-        self.name, self.root, self.seq_mode = name, Path(root), seq_mode
-        self.channels, self.image_size, self.mean, self.std = channels, image_size, mean, std
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.crop_padding, self.hflip, self.bad_images = crop_padding, hflip, bad_images
-        self.workers, self.persistent, self.prefetch = (
-            num_workers,
-            persistent_workers,
-            prefetch_factor,
-        )
+        self.persistent, self.prefetch = persistent_workers, prefetch_factor
         self.classes, train = list_images(folder / "train")
         test_classes, test = list_images(test_dir)
         if test_classes != self.classes or not train or not test:
@@ -176,33 +91,28 @@ class StreamingClassificationData(DeviceGenerators):
                 [test_dir],
                 f"give train/ and {test_dir.name}/ the same class folders, each with images",
             )
-        self.num_classes = num_classes or len(self.classes)
+        self.num_classes = self.num_classes or len(self.classes)
         # The in-memory path's order: class after class, then a fixed shuffle of each split
         # (folder.read_split), so train_subset, val_split and eval_subset pick the same images.
         train, test = _shuffled(train), _shuffled(test)
-        if train_subset is not None:
-            train = train[:train_subset]
-        self.val_name, val = "test", test
-        if val_split:
-            held, kept = held_out(len(train), val_split)
+        if self.train_subset is not None:
+            train = train[: self.train_subset]
+        val = test
+        if self.val_split:
+            held, kept = held_out(len(train), self.val_split)
             val, train = [train[i] for i in held.tolist()], [train[i] for i in kept.tolist()]
             self.val_name = "held-out train"
-        if eval_subset is not None:
-            val, test = val[:eval_subset], test[:eval_subset]
+        if self.eval_subset is not None:
+            val, test = val[: self.eval_subset], test[: self.eval_subset]
         self.files = {"train": train, "val": val, "test": test}
         self.device = torch.device("cpu")
-        self.rank, self.world_size = 0, 1
         self._loaders: dict[str, StreamLoader] = {}
         log.info(
             "data %s (streamed from %s, %d workers): %d train, %d val (%s split), %d test "
             "images of %dx%dx%d, %d classes",
-            name, folder, num_workers, len(train), len(val), self.val_name, len(test),
-            channels, image_size, image_size, self.num_classes,
+            self.name, folder, self.num_workers, len(train), len(val), self.val_name, len(test),
+            self.channels, self.image_size, self.image_size, self.num_classes,
         )  # fmt: skip
-
-    @property
-    def val_is_test(self) -> bool:
-        return self.val_name == "test"
 
     def setup(
         self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
@@ -234,7 +144,7 @@ class StreamingClassificationData(DeviceGenerators):
         draws = augment is not None or before or after
         return StreamLoader(
             items, sampler, device=self.device, normalize=normalize, bad_images=self.bad_images,
-            workers=self.workers, persistent=self.persistent and split != "test",
+            workers=self.num_workers, persistent=self.persistent and split != "test",
             prefetch=self.prefetch, order_generator=generators.get("order"),
             aug_generator=generators.get("aug") if draws else None, before=before, after=after,
         )  # fmt: skip
@@ -260,9 +170,7 @@ class StreamingClassificationData(DeviceGenerators):
             )
             if world > 1:
                 sampler = ShardedSampler(sampler, self.rank, world)
-            normalize = Normalize(
-                self.mean if mean is None else mean, self.std if std is None else std
-            )
+            normalize = self.normalize(mean, std)
             gens = self._generators or {}
             self._loaders[key] = self._make("train", sampler, self._augment(crop), normalize, gens)
         return self._loaders[key]
@@ -270,7 +178,7 @@ class StreamingClassificationData(DeviceGenerators):
     def _eval_loader(self, split: str) -> StreamLoader:
         if split not in self._loaders:
             sampler = SequentialSampler(len(self.files[split]), self.eval_batch_size)
-            normalize = Normalize(self.mean, self.std)
+            normalize = self.normalize()
             self._loaders[split] = self._make(split, sampler, None, normalize, {})
         return self._loaders[split]
 
@@ -295,16 +203,7 @@ class StreamingClassificationData(DeviceGenerators):
         batch = collate([items[(i, None)] for i in range(len(items))])
         refuse_bad(batch["bad"], self.bad_images)
         x, y = batch["image"].to(self.device), batch["label"].to(self.device)
-        normalize = Normalize(self.mean if mean is None else mean, self.std if std is None else std)
-        return {"image": normalize.normalize(x), "label": y}
-
-    def pair_loader(self) -> None:
-        raise UserError("Metric learning needs data.in_memory=true.")
-
-    pk_loader = pair_loader
-
-    def hold_out_validation(self, fraction: float = 0.1, minimum: int = 1000) -> int:
-        raise UserError("Metric learning needs data.in_memory=true.")
+        return {"image": self.normalize(mean, std).normalize(x), "label": y}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -314,8 +213,7 @@ class StreamingClassificationData(DeviceGenerators):
             "classes": list(self.classes),
             "sizes": {k: len(v) for k, v in self.files.items()},
             "val_is_test": self.val_is_test,
-            "holdout_classes": [],
         }
 
 
-__all__ = ["Splits", "StreamingClassificationData", "image_classification"]
+__all__ = ["StreamingClassificationData", "decoded_bytes", "memory_bytes"]

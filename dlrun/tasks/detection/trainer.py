@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
+from dlrun.data.module import require
 from dlrun.engine.tb import palette
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
@@ -93,7 +94,7 @@ class DetectionTrainer(Trainer):
                 "model=faster_rcnn with data=mnist_det."
             )
         if self.model.needs_anchors():  # none configured: k-means on the training boxes
-            wh = self.data.box_sizes("train").cpu()
+            wh = require(self.data, "boxes", by="trainer=detection").box_sizes("train").cpu()
             k = len(self.model.anchors)
             anchors = kmeans_anchors(wh, k, torch.Generator().manual_seed(0))
             self.model.set_anchors(anchors)

@@ -4,7 +4,11 @@ Pure functions of embeddings, labels and pair targets, so each has known answers
 Distances are Euclidean, as the notes' face-verification chapter writes them: d(a, b) = ||a - b||.
 """
 
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dlrun.errors import UserError
@@ -79,13 +83,41 @@ def batch_hard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 
 
 
 PAIR_LOSSES, TRIPLET_MINING = ("contrastive", "pair_bce"), ("batch_hard", "batch_all")
+Batches = Literal["pairs", "pk"]
+Logged = dict[str, tuple[Tensor, Tensor | int]]  # name -> (sum, count), as a trainer's step logs
+
+
+class Embedder(Protocol):
+    """The network as a metric-learning objective sees it (MetricTrainer is one): embeddings of
+    normalised training images, float (B, D)."""
+
+    def embed_one(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, D): the first (shared) branch."""
+        ...
+
+    def embed_pair(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Both sides of B pairs: (B, D) each, by the branch of each side."""
+        ...
+
+    def same_logit(self, ea: Tensor, eb: Tensor) -> Tensor:
+        """(B,) the Siamese head's logit of "same class" for each pair."""
+        ...
+
+
+class PairSource(Protocol):
+    """What an objective takes its batches from (dlrun.data.pairs.PairBatches)."""
+
+    def pair_loader(self) -> Any: ...
+
+    def pk_loader(self) -> Any: ...
 
 
 class MetricObjective:
     """The loss of a Siamese / triplet run (configs/loss/{contrastive,triplet,pair_bce}.yaml).
 
-    `sampling` tells the trainer which batches it needs: "pairs" for the pair losses, "pk"
-    (P classes x K images) for triplet mining inside the batch.
+    `batches` says which training batches it needs ("pairs" for the pair losses, "pk": P classes
+    x K images, for triplet mining inside the batch) and `loader` takes them from the data's
+    pairs; called with such a batch and the network, it embeds the batch and returns its loss.
     """
 
     def __init__(self, name: str, margin: float = 1.0, mining: str = "batch_hard") -> None:
@@ -96,4 +128,45 @@ class MetricObjective:
         if margin <= 0 and name != "pair_bce":
             raise UserError(f"loss.margin must be positive, got {margin}.")
         self.name, self.margin, self.mining = name, float(margin), mining
-        self.sampling = "pairs" if name in PAIR_LOSSES else "pk"
+        self.batches: Batches = "pairs" if name in PAIR_LOSSES else "pk"
+        self.trains_head = name == "pair_bce"  # the Siamese head's logit, against "same class"
+        pair_terms = {"contrastive": self._contrastive, "pair_bce": self._pair_bce}
+        self._terms = pair_terms.get(name)
+        self._triplets = self._batch_hard if mining == "batch_hard" else self._batch_all
+
+    def loader(self, pairs: PairSource) -> Any:
+        """This loss's training batches, from the data's pairs (its "pairs" capability)."""
+        return pairs.pk_loader() if self.batches == "pk" else pairs.pair_loader()
+
+    def __call__(self, batch: Mapping[str, Tensor], net: Embedder) -> tuple[Tensor, Logged]:
+        """The loss of one training batch of `loader`'s, and the figures logged beside it."""
+        if self._terms is None:  # P x K: the triplets mined inside the batch
+            return self._triplets(net.embed_one(batch["image"]), batch["label"])
+        same = batch["label"] == batch["label_b"]
+        ea, eb = net.embed_pair(batch["image"], batch["image_b"])
+        d = (ea - eb).pow(2).sum(1).add(1e-12).sqrt().detach()
+        logged: Logged = {
+            "dist_pos": ((d * same).sum(), same.sum()),
+            "dist_neg": ((d * ~same).sum(), (~same).sum()),
+        }
+        loss, extra = self._terms(ea, eb, same, net)
+        return loss, logged | extra
+
+    def _contrastive(
+        self, ea: Tensor, eb: Tensor, same: Tensor, net: Embedder
+    ) -> tuple[Tensor, Logged]:
+        return contrastive_loss(ea, eb, same, self.margin), {}
+
+    def _pair_bce(
+        self, ea: Tensor, eb: Tensor, same: Tensor, net: Embedder
+    ) -> tuple[Tensor, Logged]:
+        logit = net.same_logit(ea, eb).float()
+        loss = F.binary_cross_entropy_with_logits(logit, same.float())
+        return loss, {"acc": (((logit > 0) == same).sum(), len(same))}
+
+    def _batch_hard(self, e: Tensor, labels: Tensor) -> tuple[Tensor, Logged]:
+        return batch_hard_triplet_loss(e, labels, self.margin), {}
+
+    def _batch_all(self, e: Tensor, labels: Tensor) -> tuple[Tensor, Logged]:
+        loss, active = batch_all_triplet_loss(e, labels, self.margin)
+        return loss, {"active_triplets": (active.detach(), 1)}

@@ -15,25 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from dlrun.config import checks
 from dlrun.data.folder import decode as decode_image
+from dlrun.data.module import require
+from dlrun.data.pairs import PairBatches
 from dlrun.data.transforms import Normalize
 from dlrun.engine.checkpoint import unwrap
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.models.siamese import Siamese
 from dlrun.tasks.metric_learning import verification
-from dlrun.tasks.metric_learning.losses import (
-    MetricObjective,
-    batch_all_triplet_loss,
-    batch_hard_triplet_loss,
-    contrastive_loss,
-)
+from dlrun.tasks.metric_learning.losses import MetricObjective
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -61,12 +57,12 @@ class MetricTrainer(Trainer):
                 f"The metric-learning trainer needs model=siamese or model=pseudo_siamese, not "
                 f"{type(model).__name__}."
             )
-        if (loss.name == "pair_bce") != (model.head is not None):
+        if loss.trains_head != (model.head is not None):
             raise UserError(
                 "loss=pair_bce trains the Siamese head and needs model.head=true; the distance "
                 "losses (contrastive, triplet) train no head: model.head=false."
             )
-        if loss.sampling == "pk" and model.branch_b is not None:
+        if loss.batches == "pk" and model.branch_b is not None:
             raise UserError(
                 "A pseudo-Siamese network (model.shared=false) has one branch per side of a pair; "
                 "triplet batches have no sides: use loss=contrastive or loss=pair_bce with it."
@@ -74,16 +70,11 @@ class MetricTrainer(Trainer):
         if knn_k < 1:
             raise UserError(f"trainer.knn_k must be a positive integer, got {knn_k}.")
         super().__init__(**kwargs)
-        for method in ("pair_loader", "pk_loader", "eval_pairs"):
-            if not hasattr(self.data, method):
-                raise UserError(
-                    f"data={self.data.name} cannot make pairs; use a labelled image set (mnist, "
-                    "fashion_mnist, cifar10, imagefolder)."
-                )
+        self.pairs: PairBatches = require(self.data, "pairs", by="trainer=metric")
         self.loss, self.knn_k, self.projector_n = loss, knn_k, projector_n
         # The threshold is fitted on validation pairs, so they must never be test pairs: without
         # data.val_split, hold training images out (a fixed permutation, the same in every run).
-        moved = self.data.hold_out_validation(HOLD_OUT_FRACTION, HOLD_OUT_MIN)
+        moved = self.pairs.hold_out_validation(HOLD_OUT_FRACTION, HOLD_OUT_MIN)
         if moved:
             log.info(
                 "metric learning: data.val_split=0, so %d of the %d training images (%d%%, at "
@@ -110,16 +101,14 @@ class MetricTrainer(Trainer):
         checks.check_image_size(self.model, tuple(info["input_shape"]), "siamese")
 
     def train_loader(self) -> Any:
-        if self.loss.sampling == "pairs":
-            return self.data.pair_loader()
-        return self.data.pk_loader()
+        return self.loss.loader(self.pairs)  # pairs or P x K batches, as the loss needs
 
     def logged_metrics(self) -> list[str]:
         about = self.data.describe()
         prefixes = ["val"] if about["val_is_test"] else ["val", "test"]
         tags = ["train/loss"]
         tags += [f"{p}/{m}" for p in prefixes for m in ("verify_acc", "roc_auc", "knn_acc")]
-        if about.get("holdout_classes"):  # scored on the split that holds those classes
+        if self.pairs.holdout_classes:  # scored on the split that holds those classes
             tags.append(f"{prefixes[-1]}/verify_acc_unseen")
         return tags
 
@@ -132,40 +121,26 @@ class MetricTrainer(Trainer):
 
     # ----- training -----------------------------------------------------------------------------
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
-        x, y = batch["image"], batch["label"]
-        b = len(y)
+        b = len(batch["label"])
         with self.autocast():
-            if self.loss.sampling == "pk":
-                e = self.net()(self.layout(x)).float()
-                if self.loss.mining == "batch_hard":
-                    loss = batch_hard_triplet_loss(e, y, self.loss.margin)
-                    extra: dict[str, tuple[Tensor, Tensor | int]] = {}
-                else:
-                    loss, active = batch_all_triplet_loss(e, y, self.loss.margin)
-                    extra = {"active_triplets": (active.detach(), 1)}
-            else:
-                same = y == batch["label_b"]
-                ea, eb = self._pair(self.layout(x), self.layout(batch["image_b"]))
-                d = (ea - eb).pow(2).sum(1).add(1e-12).sqrt().detach()
-                extra = {
-                    "dist_pos": ((d * same).sum(), same.sum()),
-                    "dist_neg": ((d * ~same).sum(), (~same).sum()),
-                }
-                if self.loss.name == "contrastive":
-                    loss = contrastive_loss(ea, eb, same, self.loss.margin)
-                else:
-                    logit = self.siamese.same_logit(ea, eb).float()
-                    loss = F.binary_cross_entropy_with_logits(logit, same.float())
-                    extra["acc"] = (((logit > 0) == same).sum(), b)
+            loss, logged = self.loss(batch, self)  # the loss embeds its batch (embed_one ...)
         self.optimize(loss)
-        return {"loss": (loss.detach() * b, b)} | extra
+        return {"loss": (loss.detach() * b, b)} | logged
 
-    def _pair(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    # The network as the objective sees it (losses.Embedder): training embeddings, float.
+    def embed_one(self, x: Tensor) -> Tensor:
+        return self.net()(self.layout(x)).float()
+
+    def embed_pair(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """Both sides' embeddings; shared weights see the pair as one batch (one call)."""
+        a, b = self.layout(a), self.layout(b)
         if self.siamese.branch_b is None:
             ea, eb = self.net()(torch.cat([a, b])).float().chunk(2)
             return ea, eb
         return self.net()(a).float(), self.siamese.branch_b(b).float()
+
+    def same_logit(self, ea: Tensor, eb: Tensor) -> Tensor:
+        return self.siamese.same_logit(ea, eb)
 
     # ----- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,7 +173,7 @@ class MetricTrainer(Trainer):
         y = torch.cat(labels)
         ea, eb = self.embed(torch.cat(images))
         split = "val" if prefix == "val" else "test"
-        i, j = (t.to(self.device) for t in self.data.eval_pairs(split))
+        i, j = (t.to(self.device) for t in self.pairs.eval_pairs(split))
         same, s = y[i] == y[j], self.scores(ea[i], eb[j])
         if prefix == "val":  # the threshold is chosen here, and only applied to the test pairs
             self.thresholds[self.scored_weights], _ = verification.best_threshold(s, same)
@@ -218,10 +193,10 @@ class MetricTrainer(Trainer):
             self.writer.add_image(
                 f"{prefix}/roc", verification.roc_image(fpr, tpr, title), self.step_count
             )
-        holdout = self.data.describe().get("holdout_classes")
+        holdout = self.pairs.holdout_classes
         if holdout and (split == "test" or self.data.describe()["val_is_test"]):
             # One-shot verification: pairs of classes the network never saw.
-            i, j = (t.to(self.device) for t in self.data.eval_pairs(split, holdout))
+            i, j = (t.to(self.device) for t in self.pairs.eval_pairs(split, holdout))
             same, s = y[i] == y[j], self.scores(ea[i], eb[j])
             out[f"{prefix}/verify_acc_unseen"] = verification.accuracy_at(s, same, threshold)
             out[f"{prefix}/roc_auc_unseen"] = verification.roc_auc(s, same)
@@ -230,7 +205,7 @@ class MetricTrainer(Trainer):
     # ----- TensorBoard --------------------------------------------------------------------------
     def log_start(self, writer: SummaryWriter) -> None:
         # Eight validation pairs, one side above the other: the first four of one class.
-        i, j = self.data.eval_pairs("val")
+        i, j = self.pairs.eval_pairs("val")
         half = len(i) // 2
         pick = torch.cat([torch.arange(4), torch.arange(half, half + 4)])
         i, j = i[pick], j[pick]
