@@ -21,6 +21,7 @@ from dlrun.config.compose import CONFIG_DIR
 from dlrun.config.explain import error_line
 from dlrun.engine import dist
 from dlrun.engine.guards import Interrupted
+from dlrun.engine.hooks import Hook, builtin
 from dlrun.engine.tb import hparams_of
 from dlrun.engine.trainer import Trainer
 from dlrun.errors import UserError
@@ -84,9 +85,11 @@ def build_trainer(
     model_node: Any = cfg.model
     if cfg.resume not in (False, None) or cfg.mode != "train":  # a checkpoint's weights follow
         model_node = without_pretrained(OmegaConf.to_container(cfg.model, resolve=True))
+    # The keys of the built-in hooks (trainer.ema, trainer.profile, ...) build those hooks.
+    node, hooks = builtin.split(OmegaConf.to_container(cfg.trainer, resolve=True))
     # Partial first, then call: instantiate() would copy these live objects into the config.
     # num_threads is dlrun's (set above), not a trainer argument.
-    factory = build(cfg.trainer, "trainer", _partial_=True)
+    factory = build(node, "trainer", _partial_=True)
     factory.keywords.pop("num_threads", None)
     factory.keywords.pop("deterministic", None)  # process-wide: set above
     trainer = factory(
@@ -100,11 +103,43 @@ def build_trainer(
         run_config=OmegaConf.to_container(cfg, resolve=True),
         hparams=hparams_of(cfg, choices or {}),
         freeze=cfg.get("freeze"),
+        hooks=[*hooks, *callbacks(cfg)],
     )
     trainer.check_mode(cfg.mode, cfg.ckpt)
     resuming = cfg.resume not in (False, None)
     trainer.setup(start_from=cfg.ckpt if cfg.mode == "train" and not resuming else None)
     return trainer
+
+
+def callbacks(cfg: DictConfig) -> list[Hook]:
+    """The `callbacks` config group: `name: {_target_: a Hook subclass, its arguments}` each
+    (null: left out), saved in checkpoints under its name (docs/hooks.md)."""
+    node = cfg.get("callbacks")
+    if node is None:
+        return []
+    if not OmegaConf.is_dict(node):
+        raise UserError(
+            "callbacks must map names to hook configs, e.g. "
+            "+callbacks.lr_log._target_=mypkg.LrLog (docs/hooks.md)."
+        )
+    hooks = []
+    for name, spec in node.items():
+        if spec is None:
+            continue
+        if name in builtin.RESERVED:
+            raise UserError(
+                f"callbacks.{name}: '{name}' is a built-in hook's name (its checkpoint key); "
+                "give the callback another name."
+            )
+        hook = build(spec, f"callbacks.{name}")
+        if not isinstance(hook, Hook):
+            raise UserError(
+                f"callbacks.{name} built a {type(hook).__name__}, which is not a dlrun hook: "
+                "subclass dlrun.engine.hooks.Hook (docs/hooks.md)."
+            )
+        hook.state_key = str(name)
+        hooks.append(hook)
+    return hooks
 
 
 def set_determinism(on: bool, device: torch.device) -> None:

@@ -61,7 +61,8 @@ def test_ema_is_evaluated_beside_the_weights_saved_and_used_by_eval_weights(
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["val/acc_ema"] == metrics["val/acc_ema"]
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert set(state["ema"]) == set(state["model"]) and state["ema_updates"] == 8
+    # "ema" at the top level (eval.weights=ema, dlrun.load); the hook's own state under "hooks".
+    assert set(state["ema"]) == set(state["model"]) and state["hooks"]["ema"]["updates"] == 8
     assert not torch.equal(state["ema"][BN], state["model"][BN])
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     raw = run(make_cfg(*LENET_BN, "mode=eval", f"ckpt={last}"), tmp_path / "eval_raw")
@@ -137,7 +138,7 @@ def test_save_top_k_keeps_the_k_best_by_the_monitor_and_resume_keeps_managing_th
     run(make_cfg(*args), tmp_path / "whole")
     folder = tmp_path / "whole" / "checkpoints" / "top"
     state = checkpoint.load(tmp_path / "whole" / "checkpoints" / "last.pt")
-    kept = state["top_k"]["kept"]
+    kept = state["hooks"]["top_k"]["kept"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(e["file"] for e in kept)
     assert len(kept) == 3 and [e["score"] for e in kept] == sorted(e["score"] for e in kept)
     for entry in kept:  # each file is the checkpoint of the step it names, with its score

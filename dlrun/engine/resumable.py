@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dlrun.config import migrations
 from dlrun.engine import checkpoint, dist
+from dlrun.engine.hooks import state as hook_state
 from dlrun.errors import UserError, WriteFailed
 from dlrun.launch import threads
 
@@ -164,12 +165,14 @@ class ResumableRun:
     def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
         """last.pt (at an epoch end, or mid-epoch with `progress`); best.pt when the monitor improved."""
         self._check_finite()  # never replace a good checkpoint with diverged weights
-        self._top_k_consider()
+        for hook in self.hooks:  # trainer.save_top_k: this step's evaluation may enter the top k
+            hook.before_save(self)
         state = self._state(progress)  # every rank takes part (its RNG states)
         if not dist.is_main():
             return
         checkpoint.save(self.last_path, state)
-        self._top_k_commit()
+        for hook in self.hooks:
+            hook.after_save(self, self.last_path)
         if not self.monitor.improved:
             return
         self.monitor.improved = False
@@ -208,7 +211,7 @@ class ResumableRun:
             "skipped": self.guard.skipped,
             "progress": None if progress is None else vars(progress),
             "num_threads": torch.get_num_threads(),  # CPU float sums depend on it
-            **self.extras_state(),  # trainer.ema's averaged weights, trainer.save_top_k's files
+            **hook_state.saved(self.hooks),  # "hooks": each hook's state; "ema": the average
         }
 
     def _restore(self, path: Path) -> None:
@@ -254,7 +257,7 @@ class ResumableRun:
         self.monitor.load_state_dict(state.get("monitor") or {})
         self.last_eval_step = state.get("last_eval_step", -1)
         self.load_extra_state(state.get("task") or {})
-        self.load_extras_state(state)
+        hook_state.restore(self.hooks, state)
         self.guard.skipped = state.get("skipped", 0)
         self.guard.checked = self.step_count
         if state.get("progress"):  # a mid-epoch checkpoint: its partial sums go back on the device

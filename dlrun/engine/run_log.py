@@ -80,14 +80,20 @@ class RunLog:
         try:
             try:
                 self.stop.evaluating = True  # a stop signal now ends the evaluation at once
-                averaged = self._ema_metrics(self.data.val_loader(), "val")
-                metrics = self.evaluate(self.data.val_loader(), "val") | averaged
+                # First the hooks' (trainer.ema's average), so that what a task keeps of its
+                # last evaluation (images, per-class reports) is the raw weights'.
+                extra: dict[str, float] = {}
+                for hook in self.hooks:
+                    extra |= hook.before_evaluation(self, "val") or {}
+                metrics = self.evaluate(self.data.val_loader(), "val") | extra
             finally:
                 self.stop.evaluating = False
         except EvaluationCut:  # the checkpoint comes next; the resumed run evaluates again
             self.phase = "train"
             return time.perf_counter() - began
         self.phase = "train"  # not on an error: an out-of-memory message names the phase
+        for hook in self.hooks:  # trainer.early_stopping; a callback's own metrics
+            metrics |= hook.after_evaluation(self, "val", metrics) or {}
         self._log(metrics)
         if self.writer is not None:  # images, PR curves: once, from what evaluate kept
             self.log_evaluation(self.writer, "val")
@@ -97,7 +103,6 @@ class RunLog:
         # (CycleGAN's unpaired folders) says what to do instead in its "holdout_hint".
         self.monitor.update(
             metrics,
-            self.step_count,
             bool(about.get("val_is_test")),
             about.get("holdout_hint"),
         )

@@ -3,7 +3,7 @@
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
 from dlrun.engine import dist, introspect, sync_bn, transfer
-from dlrun.engine.extras import TrainingExtras
 from dlrun.engine.guards import NonFiniteGuard, StopSignals
+from dlrun.engine.hooks.base import Hook, checked, running
 from dlrun.engine.monitor import Monitor
 from dlrun.engine.optimize import Optimization
 from dlrun.engine.precision import resolve_precision
@@ -34,12 +34,13 @@ def batch_items(batch: Mapping[str, Tensor]) -> int:
     return len(next(iter(batch.values())))
 
 
-class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
+class Trainer(RunModes, RunLog, Stops, ResumableRun):
     """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`.
 
     It may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
     `mode_<name>`), state (`extra_state`), start/end logging and a model check. The constructor
-    only stores; `setup()` (after every subclass constructor has run) calls those hooks.
+    only stores; `setup()` (after every subclass constructor has run) calls those methods.
+    Side effects (EMA, profiling, top-k, early stopping, callbacks) are `hooks` (hooks/base.py).
     """
 
     default_monitor: str | None = "val/acc"
@@ -73,12 +74,9 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
         val_every_n_steps: int | None = None,
         monitor: str | None = "auto",
         monitor_mode: str = "max",
-        early_stopping: Mapping[str, Any] | None = None,
         freeze: str | int | None = None,
         sync_batchnorm: bool = False,
-        ema: Mapping[str, Any] | None = None,
-        profile: int | None = None,
-        save_top_k: int | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         if max_epochs < 1 or (max_steps is not None and max_steps < 1):
             raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
@@ -114,8 +112,11 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
         self.log_every = max(1, log_every_n_steps)
         self.checkpoint_every = checkpoint_every_n_steps
         self.val_every_epochs, self.val_every_steps = val_every_n_epochs, val_every_n_steps
-        self.monitor = Monitor(monitor, monitor_mode, early_stopping)
-        self._init_extras(ema, profile, save_top_k)
+        self.monitor = Monitor(monitor, monitor_mode)
+        self.hooks: list[Hook] = checked(hooks)
+        # The weights the model holds while a task evaluates: "model", or "ema" while trainer.ema's
+        # average is swapped in (or eval.weights=ema); a task fitting a threshold keeps one per set.
+        self.scored_weights = "model"
         self.progress = progress
         self.epoch = self.step_count = 0
         self.train_time = 0.0
@@ -231,7 +232,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
         nets = dist.wrap_trained(roles, [r for r, ps in trainable.items() if ps], self.device)
         self.nets = {r: torch.compile(m) if self.compile else m for r, m in nets.items()}
         self.monitor.resolve(self.default_monitor)
-        self._setup_extras(trainable)
+        for hook in self.hooks:  # the model placed, the optimizers and the monitor settled
+            hook.setup(self)
         self.is_setup = True
 
     # ----- helpers for tasks --------------------------------------------------------------------
@@ -273,7 +275,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
         for torn in self.last_path.parent.glob(".*.tmp*"):  # left by a process killed mid-write
             torn.unlink(missing_ok=True)
         # From here on a stop signal ends in a checkpoint, not a kill (and trainer.profile records).
-        with self.stop, self._profiling():
+        with self.stop, running(self.hooks, self):
             self._open_writer(self.resumed)
             self._hint_short_run()
             try:
@@ -314,15 +316,17 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
         batches = loader.iterate(p.position if p.batch else None)
         n_batches = len(loader)
         skip, distributed = self.guard.policy == "skip", dist.initialized()
+        hooked = bool(self.hooks)  # without hooks, the steps do no work for them
         for batch in self._bar(batches, n_batches, p.batch):
             if self.step_count >= self.max_steps:
                 break
             boundary = (p.batch + 1) % self.accumulate == 0 or p.batch + 1 == n_batches
+            if hooked and p.batch % self.accumulate == 0:  # an optimizer step's first batch
+                for hook in self.hooks:
+                    hook.before_step(self)
             self.opt.begin(boundary)
             out = self.step(batch)
             self.opt.end()
-            if boundary and self.extras_on:
-                self._after_optimizer_step()  # trainer.ema, trainer.profile
             if self.opt.grad_norms:
                 out = dict(out) | {
                     "grad_norm" if role == "model" else f"grad_norm_{role}": (norm, 1)
@@ -336,6 +340,9 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun, TrainingExtras):
             if not boundary:
                 continue
             self.step_count += 1
+            if hooked:
+                for hook in self.hooks:
+                    hook.after_step(self)
             if self.step_count % self.log_every == 0 or self.step_count >= self.max_steps:
                 p.seen += p.window_seen
                 self._flush(p, p.seen / (time.perf_counter() - start))

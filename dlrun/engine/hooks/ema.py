@@ -1,4 +1,4 @@
-"""An exponential moving average of the weights (trainer.ema.decay), kept on the device.
+"""trainer.ema.decay: an exponential moving average of the weights, kept on the device (`EMA`).
 
 After every optimizer step the average moves towards the weights: ema = ema + (1 - d)(w - ema),
 one `torch._foreach_lerp_` over all parameters and floating-point buffers (BatchNorm's running
@@ -14,12 +14,17 @@ for bit afterwards.
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from dlrun.engine import checkpoint
+from dlrun.engine.hooks.base import Hook, Metrics
 from dlrun.errors import UserError
+
+if TYPE_CHECKING:
+    from dlrun.engine.trainer import Trainer
 
 
 def check_decay(decay: float | None) -> None:
@@ -103,3 +108,50 @@ def rename(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
         if head == prefix and name and "/" not in name:
             out[f"{prefix}/{name}_ema"] = value
     return out
+
+
+class EMA(Hook):
+    """trainer.ema.decay / trainer.ema.warmup: the average, updated after every optimizer step and
+    scored before each validation (`<prefix>/<metric>_ema`), so that what a task keeps of its last
+    evaluation (images, per-class reports) is the raw weights'."""
+
+    state_key = "ema"
+
+    def __init__(self, decay: float, warmup: bool = True) -> None:
+        check_decay(decay)
+        self.decay, self.warmup = decay, warmup
+        self.average: WeightEMA | None = None  # built in setup, beside the placed model
+
+    def setup(self, trainer: "Trainer") -> None:
+        if not trainer.opt.params.get("model"):
+            trained = [r for r in trainer.roles() if r not in trainer.frozen_roles]
+            raise UserError(
+                f"trainer.ema averages the weights of a task's one trained network, which "
+                f"{type(trainer).__name__} does not have (it trains {', '.join(trained)}); "
+                "drop trainer.ema.decay."
+            )
+        self.average = WeightEMA(checkpoint.unwrap(trainer.model), self.decay, self.warmup)
+
+    def after_step(self, trainer: "Trainer") -> None:
+        self.average.update()
+
+    def before_evaluation(self, trainer: "Trainer", prefix: str) -> Metrics | None:
+        with self.average.swapped():
+            trainer.scored_weights = "ema"  # a task's per-weights state (a threshold) follows
+            try:
+                return rename(trainer.evaluate(trainer.data.val_loader(), prefix), prefix)
+            finally:
+                trainer.scored_weights = "model"
+
+    def state_dict(self) -> dict[str, Any]:
+        # The checkpoint also holds the weights at its top level ("ema"): eval.weights=ema and
+        # dlrun.load read them there (the same tensors: torch.save writes them once).
+        return self.average.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state.get("weights"):
+            raise UserError(
+                "resume=true with trainer.ema.decay set, but the checkpoint holds no weight "
+                "average (the run trained without one); resume without trainer.ema.decay."
+            )
+        self.average.load_state_dict(state)

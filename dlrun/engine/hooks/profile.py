@@ -8,11 +8,17 @@ operators that took the most time (`top_ops.txt`, also in the log).
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from dlrun.engine import dist
+from dlrun.engine.hooks.base import Hook
 from dlrun.errors import UserError
+
+if TYPE_CHECKING:
+    from dlrun.engine.trainer import Trainer
 
 log = logging.getLogger("dlrun.engine.trainer")
 WAIT, WARMUP = 1, 1  # steps skipped, then steps traced but discarded, before the N recorded
@@ -78,3 +84,31 @@ class StepProfiler:
             "profile of %d steps: %s (open in https://ui.perfetto.dev); top operators by %s:\n%s",
             self.steps, trace, by, table,
         )  # fmt: skip
+
+
+class Profile(Hook):
+    """trainer.profile=N: the main process records from the run's first step until N are done
+    (a resumed run records its first N again; the profile has nothing to resume)."""
+
+    state_key = "profile"
+
+    def __init__(self, steps: int) -> None:
+        check_steps(steps)
+        self.steps = steps
+        self.profiler: StepProfiler | None = None
+
+    def setup(self, trainer: "Trainer") -> None:
+        if dist.is_main():
+            self.profiler = StepProfiler(self.steps, trainer.run_dir / "profile", trainer.device)
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if self.profiler is not None:
+            self.profiler.start()
+
+    def after_step(self, trainer: "Trainer") -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        if self.profiler is not None:
+            self.profiler.stop()

@@ -11,21 +11,27 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dlrun.engine import dist
+from dlrun.engine.hooks.base import Hook
 from dlrun.errors import UserError, WriteFailed
+
+if TYPE_CHECKING:
+    from dlrun.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def check(k: int | None, monitor: str | None) -> None:
-    if k is None:
-        return
+def check(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UserError(
             f"trainer.save_top_k must be a positive number of checkpoints to keep (e.g. "
             f"trainer.save_top_k=3) or null, got {k!r}."
         )
+
+
+def check_monitor(monitor: str | None) -> None:
     if monitor is None:
         raise UserError(
             "trainer.save_top_k keeps the best checkpoints by trainer.monitor, which is null: set "
@@ -33,15 +39,34 @@ def check(k: int | None, monitor: str | None) -> None:
         )
 
 
-class TopK:
-    """The K best (score, step, file) so far, best first; `consider` after each evaluation."""
+class TopK(Hook):
+    """The K best (score, step, file) so far, best first: before each checkpoint, an evaluation
+    at its step may enter them; after it, last.pt is copied in and what fell out removed."""
 
-    def __init__(self, k: int, folder: Path, monitor: str, mode: str) -> None:
-        self.k, self.folder, self.monitor, self.mode = k, Path(folder), monitor, mode
+    state_key = "top_k"
+
+    def __init__(self, k: int) -> None:
+        check(k)
+        self.k = k
         self.kept: list[dict[str, Any]] = []  # {"score", "step", "file"}, best first
         self.last_step = -1  # the last evaluated step considered (each is considered once)
+        self.saved_step = -1  # the step of the checkpoint being (or last) written
         self.pending: list[str] = []  # files to write from last.pt once it is saved
         self.evicted: list[str] = []
+
+    def setup(self, trainer: "Trainer") -> None:
+        check_monitor(trainer.monitor.name)
+        self.last = trainer.last_path
+        self.folder = self.last.parent / "top"
+        self.monitor, self.mode = trainer.monitor.name, trainer.monitor.mode
+
+    def before_save(self, trainer: "Trainer") -> None:
+        self.saved_step = trainer.step_count
+        if trainer.last_eval_step == trainer.step_count:
+            self.consider(trainer.metrics.get(trainer.monitor.name), trainer.step_count)
+
+    def after_save(self, trainer: "Trainer", last_path: Path) -> None:
+        self.commit(last_path)
 
     def _key(self, entry: Mapping[str, Any]) -> tuple[float, int]:
         score = entry["score"] if self.mode == "max" else -entry["score"]
@@ -80,12 +105,18 @@ class TopK:
         self.pending, self.evicted = [], []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kept": [dict(e) for e in self.kept], "last_step": self.last_step}
+        # "step": the checkpoint's own step, whose file a kill may have left unwritten.
+        return {"kept": [dict(e) for e in self.kept], "last_step": self.last_step,
+                "step": self.saved_step}  # fmt: skip
 
-    def load_state_dict(self, state: Mapping[str, Any], last: Path, step: int) -> None:
-        """On resume, from last.pt (at `step`). A kill between writing last.pt and copying it
-        leaves that step's file unwritten and the evicted ones in place: last.pt is that very
-        checkpoint, so it is copied now, and files outside the set are removed."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """On resume, from last.pt (at `state["step"]`). A kill between writing last.pt and
+        copying it leaves that step's file unwritten and the evicted ones in place: last.pt is
+        that very checkpoint, so it is copied now, and files outside the set are removed."""
+        if not state:
+            return
+        step, last = int(state["step"]), self.last
+        self.saved_step = step
         self.kept = [dict(e) for e in state.get("kept", [])]
         self.last_step = int(state.get("last_step", -1))
         self.pending = [
@@ -104,4 +135,5 @@ class TopK:
         names = {e["file"] for e in self.kept}
         if self.folder.is_dir():
             self.evicted = [p.name for p in self.folder.glob("*.pt") if p.name not in names]
-        self.commit(last)
+        if dist.is_main():  # the process that writes the checkpoints
+            self.commit(last)

@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 
 from dlrun.engine import checkpoint, introspect
+from dlrun.engine.hooks.samples import SampleGrids
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.scoring import sample_quality as metrics_lib
@@ -57,7 +58,7 @@ class GANTrainer(Trainer):
             )
         super().__init__(**kwargs)
         self.loss = loss
-        self.sample_every = max(1, sample_every_n_steps)
+        self.hooks.append(SampleGrids(sample_every_n_steps))  # the fixed-noise grid every N steps
         cfg = dict(metrics or {})
         self.metric_n = int(cfg.get("n", 2000))
         fid = dict(cfg.get("fid") or {})
@@ -149,8 +150,6 @@ class GANTrainer(Trainer):
                 g_loss = self.loss.g(d(fake).float())  # the same fakes, through the updated D
             self.optimize(g_loss, "generator")
             out["loss_g"] = (g_loss.detach() * b, b)  # averaged over generator steps only
-        if (self.step_count + 1) % self.sample_every == 0:
-            self._log_samples(self.step_count + 1)
         return out
 
     @torch.no_grad()
@@ -176,10 +175,10 @@ class GANTrainer(Trainer):
     def log_start(self, writer: SummaryWriter) -> None:
         images = self.data.example_batch(64, "train", mean=[0.0], std=[1.0])["image"]
         writer.add_image("train/real_images", make_grid(images, nrow=8), 0)
-        self._log_samples(0)
+        self.log_samples(writer, 0)
 
     def log_end(self, writer: SummaryWriter) -> None:
-        self._log_samples(self.step_count)
+        self.log_samples(writer, self.step_count)
 
     # ----- samples and metrics ------------------------------------------------------------------
     @torch.no_grad()
@@ -196,7 +195,8 @@ class GANTrainer(Trainer):
         return out
 
     @torch.no_grad()
-    def _log_samples(self, step: int) -> None:
+    def log_samples(self, writer: SummaryWriter, step: int) -> None:
+        """The generator's images of the fixed noise (eval mode), as one grid at `step`."""
         g = self.gan.generator
         was_training = g.training
         g.eval()
@@ -204,7 +204,7 @@ class GANTrainer(Trainer):
             images = g(self.fixed_noise).float()
         g.train(was_training)
         grid = make_grid((images + 1) / 2, nrow=8).clamp(0, 1)
-        self.writer.add_image("samples/fixed_noise", grid, step)
+        writer.add_image("samples/fixed_noise", grid, step)
 
     def _ensure_features(self) -> bool:
         """Build the feature network once (and the real test images' features)."""
