@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
+from dlrun.data.module import kind_of
 from dlrun.engine import dist, introspect, sync_bn, transfer
 from dlrun.engine.guards import NonFiniteGuard, StopSignals
 from dlrun.engine.hooks.base import Hook, checked, running
@@ -85,7 +86,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
                 "trainer.val_every_n_epochs and trainer.val_every_n_steps must be positive "
                 "integers (val_every_n_steps may be null)."
             )
-        kind = getattr(data, "kind", "classification")
+        kind = kind_of(data)
         if kind not in self.data_kinds:
             raise UserError(
                 f"{type(self).__name__} trains on {' or '.join(self.data_kinds)} data, but "

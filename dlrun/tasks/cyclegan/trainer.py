@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 from torchvision.utils import make_grid, save_image
 
+from dlrun.data.module import kind_of
 from dlrun.engine import checkpoint, introspect
 from dlrun.engine.run_modes import folder_inputs
 from dlrun.engine.trainer import Sums, Trainer
@@ -72,7 +73,7 @@ class CycleGANTrainer(Trainer):
             raise UserError(
                 f"The CycleGAN trainer needs model=cyclegan, not {type(model).__name__}."
             )
-        if getattr(data, "kind", "classification") != "unpaired":
+        if kind_of(data) != "unpaired":
             raise UserError(
                 f"CycleGAN trains on two unpaired image domains: data=horse2zebra, or "
                 f"data=unpaired_folder data.root=DIR (trainA, trainB, testA, testB), not "
