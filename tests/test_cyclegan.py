@@ -18,7 +18,8 @@ from dlrun.engine.sched import linear_decay
 from dlrun.errors import UserError
 from dlrun.models.cyclegan import CycleGAN, NLayerDiscriminator, ResnetGenerator
 from dlrun.tasks.cyclegan.image_pool import ImagePool
-from dlrun.tasks.cyclegan.trainer import CycleGANTrainer, adversarial, to_grey
+from dlrun.tasks.cyclegan.trainer import CycleGANTrainer, to_grey
+from dlrun.tasks.gan.losses import GAN_LOSSES, bce_target, lsgan_target
 from tests.conftest import stopped_at_step
 
 TINY = (
@@ -133,12 +134,7 @@ def test_linear_decay_is_constant_for_half_the_run_then_falls_to_zero() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_adversarial_losses_and_grey() -> None:
-    pred = torch.tensor([0.0, 2.0])
-    assert adversarial("lsgan", pred, True).item() == pytest.approx((1 + 1) / 2)
-    assert adversarial("lsgan", pred, False).item() == pytest.approx((0 + 4) / 2)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(pred, torch.ones(2))
-    assert adversarial("nonsaturating", pred, True).item() == pytest.approx(bce.item())
+def test_grey() -> None:
     rgb = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)
     assert to_grey(rgb).flatten().tolist() == pytest.approx([0.2989 - 0.114] * 3)
 
@@ -189,36 +185,39 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.flatten() for t in tensors])
 
 
+@pytest.mark.parametrize("loss", ["lsgan", "nonsaturating"])
 @pytest.mark.parametrize(
     ("overrides", "lam", "lam_idt"),
     [((), 10.0, 5.0), (("trainer.lambda_cycle=3", "trainer.lambda_identity=0.25"), 3.0, 0.75)],
 )
 def test_one_step_weighs_each_loss_as_the_paper(
-    h2z_cfg, tmp_path: Path, overrides: tuple[str, ...], lam: float, lam_idt: float
+    h2z_cfg, tmp_path: Path, overrides: tuple[str, ...], lam: float, lam_idt: float, loss: str
 ) -> None:
-    """LSGAN, G_A: A -> B judged by D_A. Cycle losses lambda x L1, identity losses
-    lambda_identity x lambda x L1 (the default: 0.5 x 10), each discriminator's loss halved:
-    the logged losses and the gradients each optimizer stepped on, from the formulas."""
-    trainer, batch, net = first_step(h2z_cfg, tmp_path, *overrides)
+    """G_A: A -> B judged by D_A. Adversarial terms: the GAN task's losses (GAN_LOSSES), as the
+    authors weigh them: G's unhalved (LSGAN: 2 lsgan_g = mean (D - 1)^2), each discriminator's
+    halved (LSGAN: lsgan_d, Mao's 1/2; BCE: bce_d / 2). Cycle losses lambda x L1, identity losses
+    lambda_identity x lambda x L1 (the default: 0.5 x 10): the logged losses and the gradients
+    each optimizer stepped on, from these functions and formulas."""
+    trainer, batch, net = first_step(h2z_cfg, tmp_path, f"loss={loss}", *overrides)
+    assert trainer.adversarial is {"lsgan": lsgan_target, "nonsaturating": bce_target}[loss]
     a, b = batch["image_a"], batch["image_b"]
     g_a, g_b = net.generators.g_a, net.generators.g_b
     d_a, d_b = net.discriminators.d_a, net.discriminators.d_b
-
-    def mse(x: torch.Tensor, target: float) -> torch.Tensor:
-        return (x - target).pow(2).mean()
+    d_loss, g_loss = GAN_LOSSES[loss]
+    g_scale, d_scale = (2.0, 1.0) if loss == "lsgan" else (1.0, 0.5)
 
     def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x - y).abs().mean()
 
     fake_b, fake_a = g_a(a), g_b(b)
     g_losses = {
-        "G_A": mse(d_a(fake_b), 1), "G_B": mse(d_b(fake_a), 1),
+        "G_A": g_scale * g_loss(d_a(fake_b)), "G_B": g_scale * g_loss(d_b(fake_a)),
         "cycle_A": lam * l1(g_b(fake_b), a), "cycle_B": lam * l1(g_a(fake_a), b),
         "idt_A": lam_idt * l1(g_a(b), b), "idt_B": lam_idt * l1(g_b(a), a),
     }  # fmt: skip
     d_losses = {
-        "D_A": 0.5 * (mse(d_a(b), 1) + mse(d_a(fake_b.detach()), 0)),
-        "D_B": 0.5 * (mse(d_b(a), 1) + mse(d_b(fake_a.detach()), 0)),
+        "D_A": d_scale * d_loss(d_a(b), d_a(fake_b.detach())),
+        "D_B": d_scale * d_loss(d_b(a), d_b(fake_a.detach())),
     }
     want_g = flat(torch.autograd.grad(sum(g_losses.values()), list(net.generators.parameters())))
     want_d = flat(

@@ -5,11 +5,15 @@ import torch
 
 from dlrun.tasks.gan.losses import (
     GAN_LOSSES,
+    TARGET_LOSSES,
+    GANObjective,
     bce_d,
+    bce_target,
     binary_cross_entropy,
     gradient_penalty,
     lsgan_d,
     lsgan_g,
+    lsgan_target,
     minimax_g,
     nonsaturating_g,
     wgan_d,
@@ -128,3 +132,57 @@ def test_registry_pairs() -> None:
     for d_fn, g_fn in GAN_LOSSES.values():
         assert d_fn(torch.zeros(2), torch.zeros(2)).ndim == 0
         assert g_fn(torch.zeros(2)).ndim == 0
+
+
+# ----- the per-prediction form (CycleGAN's adversarial terms) ---------------------------------
+def test_target_forms_known_answers() -> None:
+    pred = torch.tensor([0.0, 2.0])
+    assert lsgan_target(pred, True).item() == pytest.approx((1 + 1) / 2)  # mean (D - 1)^2
+    assert lsgan_target(pred, False).item() == pytest.approx((0 + 4) / 2)  # mean D^2, unhalved
+    d = torch.sigmoid(pred)
+    assert bce_target(pred, True).item() == pytest.approx(-d.log().mean().item(), rel=1e-6)
+    assert bce_target(pred, False).item() == pytest.approx(-(1 - d).log().mean().item(), rel=1e-6)
+
+
+def test_objective_offers_the_target_form_where_its_loss_has_one() -> None:
+    assert TARGET_LOSSES == {"lsgan": lsgan_target, "nonsaturating": bce_target}
+    assert GANObjective("lsgan").target is lsgan_target
+    assert GANObjective("nonsaturating").target is bce_target
+    # minimax G minimises log(1 - D): no target; WGAN's critic has none either.
+    assert GANObjective("bce").target is None
+    assert GANObjective("wgan_gp", gp_weight=10, critic_iters=5).target is None
+
+
+def _grads(loss: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cyclegan_terms_are_the_gan_pairs_bit_for_bit(dtype: torch.dtype) -> None:
+    """On PatchGAN-shaped outputs (B, 1, H, W), CycleGAN's terms G = t(D(G(x)), real) and
+    D = (t(D(y), real) + t(D(G(x)), fake)) / 2 equal the GAN task's pair functions exactly, values
+    and gradients: LSGAN G = 2 lsgan_g, D = lsgan_d (Mao's closed form, 1/2 on each term);
+    non-saturating G = nonsaturating_g, D = bce_d / 2."""
+    g = torch.Generator().manual_seed(0)
+    real = (2 * torch.randn(4, 1, 6, 6, generator=g, dtype=dtype)).requires_grad_(True)
+    fake = (2 * torch.randn(4, 1, 6, 6, generator=g, dtype=dtype)).requires_grad_(True)
+
+    def cyclegan(t, r, f):  # noqa: ANN001, ANN202 (the trainer's step, on given outputs)
+        return t(f, True), 0.5 * (t(r, True) + t(f, False))
+
+    for name, g_scale, d_scale in (("lsgan", 2.0, 1.0), ("nonsaturating", 1.0, 0.5)):
+        d_pair, g_pair = GAN_LOSSES[name]
+        cg_g, cg_d = cyclegan(GANObjective(name).target, real, fake)
+        want_g, want_d = g_scale * g_pair(fake), d_scale * d_pair(real, fake)
+        assert torch.equal(cg_g, want_g) and torch.equal(cg_d, want_d), name
+        for got, want in zip(_grads(cg_d, real, fake), _grads(want_d, real, fake), strict=True):
+            assert torch.equal(got, want), name
+        assert torch.equal(_grads(cg_g, fake)[0], _grads(want_g, fake)[0]), name
+    # ... and the LSGAN pair is still Mao's closed form, to the bit (values and gradients).
+    mao_d = 0.5 * (real - 1).pow(2).mean() + 0.5 * fake.pow(2).mean()
+    assert torch.equal(lsgan_d(real, fake), mao_d)
+    for got, want in zip(
+        _grads(lsgan_d(real, fake), real, fake), _grads(mao_d, real, fake), strict=True
+    ):
+        assert torch.equal(got, want)
+    assert torch.equal(lsgan_g(fake), 0.5 * (fake - 1).pow(2).mean())

@@ -27,18 +27,13 @@ from dlrun.scoring import sample_quality as metrics_lib
 from dlrun.scoring.classifiers import load_classifier
 from dlrun.tasks.cyclegan.image_pool import ImagePool
 
+# CycleGAN is a GAN: its adversarial terms are the GAN task's losses, in their per-prediction form
+# (the authors' GANLoss: lsgan is MSE to 1 / 0, nonsaturating their 'vanilla' BCE on logits).
+from dlrun.tasks.gan.losses import GANObjective, TargetLoss
+
 log = logging.getLogger(__name__)
-LOSSES = ("lsgan", "nonsaturating")
 DIRECTIONS = ("AtoB", "BtoA")
 GRID_IMAGES = 4  # fixed test images per domain in the TensorBoard grid
-
-
-def adversarial(name: str, pred: Tensor, real: bool) -> Tensor:
-    """The authors' GANLoss: MSE to 1 / 0 (lsgan) or BCE on logits (nonsaturating, 'vanilla')."""
-    target = torch.ones_like(pred) if real else torch.zeros_like(pred)
-    if name == "lsgan":
-        return F.mse_loss(pred, target)
-    return F.binary_cross_entropy_with_logits(pred, target)
 
 
 def to_grey(images: Tensor) -> Tensor:
@@ -64,7 +59,7 @@ class CycleGANTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         name = getattr(loss, "name", type(loss).__name__)
-        if name not in LOSSES:
+        if not isinstance(loss, GANObjective) or loss.target is None:
             raise UserError(
                 f"CycleGAN trains with loss=lsgan (the paper's) or loss=nonsaturating, not {name}."
             )
@@ -89,7 +84,7 @@ class CycleGANTrainer(Trainer):
                 "trainer.lambda_cycle, trainer.lambda_identity and trainer.pool_size must be >= 0."
             )
         super().__init__(**kwargs)
-        self.loss_name = name
+        self.adversarial: TargetLoss = loss.target  # (D's patch outputs, real?) -> loss
         self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
         self.pools = {"a": ImagePool(pool_size), "b": ImagePool(pool_size)}
         self.sample_every = max(1, sample_every_n_steps)
@@ -167,8 +162,8 @@ class CycleGANTrainer(Trainer):
             out = gens(real_a, real_b, identity)
             pred_fake_b, pred_fake_a = discs(out["fake_b"], out["fake_a"])
             losses = {
-                "G_A": adversarial(self.loss_name, pred_fake_b.float(), True),
-                "G_B": adversarial(self.loss_name, pred_fake_a.float(), True),
+                "G_A": self.adversarial(pred_fake_b.float(), True),
+                "G_B": self.adversarial(pred_fake_a.float(), True),
                 "cycle_A": F.l1_loss(out["rec_a"].float(), real_a) * lam,
                 "cycle_B": F.l1_loss(out["rec_b"].float(), real_b) * lam,
             }
@@ -187,14 +182,9 @@ class CycleGANTrainer(Trainer):
         with self.autocast():
             pred_b, pred_a = discs(torch.cat([real_b, fake_b]), torch.cat([real_a, fake_a]))
             pred_b, pred_a = pred_b.float(), pred_a.float()
-            losses["D_A"] = 0.5 * (
-                adversarial(self.loss_name, pred_b[:b], True)
-                + adversarial(self.loss_name, pred_b[b:], False)
-            )
-            losses["D_B"] = 0.5 * (
-                adversarial(self.loss_name, pred_a[:b], True)
-                + adversarial(self.loss_name, pred_a[b:], False)
-            )
+            adv = self.adversarial
+            losses["D_A"] = 0.5 * (adv(pred_b[:b], True) + adv(pred_b[b:], False))
+            losses["D_B"] = 0.5 * (adv(pred_a[:b], True) + adv(pred_a[b:], False))
         self.optimize(losses["D_A"] + losses["D_B"], "discriminators")
         if (self.step_count + 1) % self.sample_every == 0:
             self._log_samples(self.step_count + 1)

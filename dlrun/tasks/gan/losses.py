@@ -3,6 +3,11 @@
 Each `*_d` is minimised by the discriminator (critic), each `*_g` by the generator. They take raw
 scores, not probabilities: the log-sigmoid terms are then computed stably (softplus), and LSGAN
 and WGAN use the raw score by definition.
+
+`bce_target` and `lsgan_target` are the per-prediction form (one output against an all-real or
+all-fake target, averaged over every score: one per image, or one per patch of a PatchGAN). The
+BCE and LSGAN pairs below are built from them (all but minimax_g), and CycleGAN uses them as its
+authors' `GANLoss`: G = target(D(G(x)), real), D = (target(D(y), real) + target(D(G(x)), fake)) / 2.
 """
 
 from collections.abc import Callable
@@ -17,11 +22,21 @@ def binary_cross_entropy(p: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy(p, target)
 
 
+def bce_target(logits: Tensor, real: bool) -> Tensor:
+    """BCE on logits against 1 (real) or 0 (fake): -mean log D, or -mean log(1 - D), D = sigmoid."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def lsgan_target(out: Tensor, real: bool) -> Tensor:
+    """LSGAN's squared distance to the target b = 1 (real) or a = 0 (fake): mean (D - b)^2, unhalved."""
+    target = torch.ones_like(out) if real else torch.zeros_like(out)
+    return F.mse_loss(out, target)
+
+
 def bce_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Goodfellow's discriminator loss: BCE(D(x), 1) + BCE(D(G(z)), 0), i.e. -log D(x) - log(1 - D(G(z)))."""
-    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-    return real + fake
+    return bce_target(real_logits, True) + bce_target(fake_logits, False)
 
 
 def minimax_g(fake_logits: Tensor) -> Tensor:
@@ -35,17 +50,17 @@ def minimax_g(fake_logits: Tensor) -> Tensor:
 
 def nonsaturating_g(fake_logits: Tensor) -> Tensor:
     """The non-saturating generator loss -mean log D(G(z)) = BCE(D(G(z)), 1): strong early gradients."""
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    return bce_target(fake_logits, True)
 
 
 def lsgan_d(real_out: Tensor, fake_out: Tensor) -> Tensor:
     """LSGAN (Mao et al. 2017, a=0, b=c=1): 0.5 mean (D(x) - 1)^2 + 0.5 mean D(G(z))^2."""
-    return 0.5 * (real_out - 1).pow(2).mean() + 0.5 * fake_out.pow(2).mean()
+    return 0.5 * lsgan_target(real_out, True) + 0.5 * lsgan_target(fake_out, False)
 
 
 def lsgan_g(fake_out: Tensor) -> Tensor:
     """LSGAN generator: 0.5 mean (D(G(z)) - 1)^2, which still pulls fakes far on the right side."""
-    return 0.5 * (fake_out - 1).pow(2).mean()
+    return 0.5 * lsgan_target(fake_out, True)
 
 
 def wgan_d(real_out: Tensor, fake_out: Tensor) -> Tensor:
@@ -85,6 +100,7 @@ def gradient_penalty(
 
 DLoss = Callable[[Tensor, Tensor], Tensor]
 GLoss = Callable[[Tensor], Tensor]
+TargetLoss = Callable[[Tensor, bool], Tensor]  # (D's outputs, real?) -> loss
 
 # loss name -> (discriminator loss, generator loss); "wgan_gp" also needs gradient_penalty.
 GAN_LOSSES: dict[str, tuple[DLoss, GLoss]] = {
@@ -93,6 +109,9 @@ GAN_LOSSES: dict[str, tuple[DLoss, GLoss]] = {
     "lsgan": (lsgan_d, lsgan_g),
     "wgan_gp": (wgan_d, wgan_g),
 }
+# loss name -> its per-prediction form, where its generator loss is one: "bce"'s minimax G (log of
+# 1 - D, minimised) is not a target, and WGAN has none.
+TARGET_LOSSES: dict[str, TargetLoss] = {"lsgan": lsgan_target, "nonsaturating": bce_target}
 
 
 class GANObjective:
@@ -105,6 +124,8 @@ class GANObjective:
             raise ValueError("loss.critic_iters must be >= 1 and loss.gp_weight >= 0")
         self.name = name
         self.d, self.g = GAN_LOSSES[name]
+        # The per-prediction form (CycleGAN's adversarial terms); None where the loss has none.
+        self.target: TargetLoss | None = TARGET_LOSSES.get(name)
         self.gp_weight, self.critic_iters = gp_weight, critic_iters
         # BCE-family discriminators output logits: D(x) as a probability is their sigmoid.
         self.probabilities = name in ("bce", "nonsaturating")
