@@ -14,6 +14,13 @@ from dlrun.errors import UserError
 from tests.fixtures import write_cifar_pickles, write_idx, write_png_folder
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (the README's command): N workers share the cores, so each keeps to one
+    # thread, and so do the dlrun processes it starts (DLRUN_NUM_THREADS, read by trainer.num_threads
+    # =null). Two workers of two threads on two cores would each wait for a descheduled peer.
+    # Tests of the thread count itself set their own.
+    torch.set_num_threads(1)
+    os.environ["DLRUN_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from tests.test_cli import dlrun
 KEY_LINE = re.compile(
     r"^(?P<indent> *)(?P<key>[^\s#:][^:]*):(?P<value> [^#]*?)?(?:  # (?P<note>.*))?$"
 )
-GROUPS = ("model", "data", "loss", "optim", "sched", "trainer", "experiment", "hparams_search")
+GROUPS = (
+    "model", "data", "loss", "optim", "sched", "trainer", "callbacks", "experiment", "hparams_search"
+)
 
 
 def printed_keys(text: str) -> dict[str, str | None]:
