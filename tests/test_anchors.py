@@ -2,7 +2,7 @@
 
 import torch
 
-from dlrun.tasks.detection.anchors import kmeans_anchors, wh_iou
+from dlrun.models.anchors import kmeans_anchors, wh_iou
 
 
 def test_wh_iou_known_answers() -> None:

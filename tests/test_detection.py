@@ -16,7 +16,7 @@ from dlrun.data.digit_scenes import SceneData
 from dlrun.errors import UserError
 from dlrun.models.faster_rcnn import FasterRCNN
 from dlrun.models.yolo import YOLO
-from dlrun.tasks.detection.anchors import kmeans_anchors
+from dlrun.models.anchors import kmeans_anchors
 from dlrun.tasks.detection.losses import DetectionObjective
 from dlrun.tasks.detection.trainer import DetectionTrainer
 from tests.conftest import stopped_at_step

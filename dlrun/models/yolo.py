@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss
 
-from dlrun.tasks.detection.anchors import wh_iou
+from dlrun.models.anchors import wh_iou
 
 Detections = list[dict[str, Tensor]]
 

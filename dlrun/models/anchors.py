@@ -1,4 +1,4 @@
-"""Anchor boxes fitted to a data set's boxes (YOLOv2's k-means with 1 - IoU as the distance)."""
+"""Anchor boxes of a detector (YOLO), fitted to a data set's boxes (YOLOv2's k-means, 1 - IoU as the distance)."""
 
 import torch
 from torch import Tensor
