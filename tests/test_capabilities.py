@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from dlrun.cli import build_trainer
 from dlrun.config import migrations
-from dlrun.data.base import ClassificationData
+from dlrun.data.in_memory import ClassificationData
 from dlrun.data.module import offered, require
 from dlrun.data.pairs import PairBatches
 from dlrun.data.streamed import StreamingClassificationData

@@ -11,12 +11,12 @@ import torch
 from torchvision.ops import box_iou
 
 from dlrun.cli import build_trainer, run
-from dlrun.data.base import Splits
 from dlrun.data.digit_scenes import SceneData
+from dlrun.data.in_memory import Splits
 from dlrun.errors import UserError
+from dlrun.models.anchors import kmeans_anchors
 from dlrun.models.faster_rcnn import FasterRCNN
 from dlrun.models.yolo import YOLO
-from dlrun.models.anchors import kmeans_anchors
 from dlrun.tasks.detection.losses import DetectionObjective
 from dlrun.tasks.detection.trainer import DetectionTrainer
 from tests.conftest import stopped_at_step

@@ -122,7 +122,7 @@ def test_a_default_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(
 
 
 def test_a_set_too_small_to_hold_out_names_the_way_out() -> None:
-    from dlrun.data.base import held_out
+    from dlrun.data.in_memory import held_out
     from dlrun.errors import UserError
 
     with pytest.raises(UserError, match=r"data.val_split=0.1 leaves no .* out of 5; .* data.val_split=0 to train on every image"):

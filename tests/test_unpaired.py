@@ -18,8 +18,8 @@ from torch import Tensor
 
 from dlrun.cli import CONFIG_DIR
 from dlrun.data import folder, unpaired
-from dlrun.data.base import ClassificationData
 from dlrun.data.folder import read_flat
+from dlrun.data.in_memory import ClassificationData
 from dlrun.data.unpaired import FOLDERS, UnpairedData
 from dlrun.engine import checkpoint
 from dlrun.errors import UserError

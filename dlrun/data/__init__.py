@@ -1,6 +1,6 @@
 """Data sets decoded once into uint8 tensors, served from the device by `TensorLoader`."""
 
-from dlrun.data.base import ClassificationData, Splits
+from dlrun.data.in_memory import ClassificationData, Splits
 from dlrun.data.module import DataModule
 from dlrun.data.samplers import (
     ClassBalancedSampler,

@@ -12,7 +12,6 @@ from torchvision.datasets.utils import download_url
 
 from dlrun.data import folder
 from dlrun.data.archive import safe_extract
-from dlrun.data.base import Splits, missing_data
 from dlrun.data.download import (
     STAGING,
     copy_advice,
@@ -20,6 +19,7 @@ from dlrun.data.download import (
     failure_reason,
     new_folders_removed_on_failure,
 )
+from dlrun.data.in_memory import Splits, missing_data
 from dlrun.errors import UserError
 
 try:  # numpy 2

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dlrun.data import mnist
-from dlrun.data.base import Splits
+from dlrun.data.in_memory import Splits
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
 from dlrun.data.scene_layout import Scenes, compose

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dlrun.data.base import Splits, missing_data
+from dlrun.data.in_memory import Splits, missing_data
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dlrun.data.base import ClassificationData
+from dlrun.data.in_memory import ClassificationData
 from dlrun.data.pairs import PairBatches, without_classes
 from dlrun.data.streamed import StreamingClassificationData, decoded_bytes, memory_bytes
 from dlrun.errors import UserError

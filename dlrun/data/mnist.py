@@ -7,7 +7,6 @@ from pathlib import Path
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
 
-from dlrun.data.base import Splits, missing_data
 from dlrun.data.download import (
     STAGING,
     copy_advice,
@@ -15,6 +14,7 @@ from dlrun.data.download import (
     failure_reason,
     new_folders_removed_on_failure,
 )
+from dlrun.data.in_memory import Splits, missing_data
 from dlrun.errors import UserError
 
 _CLASSES = {"MNIST": datasets.MNIST, "FashionMNIST": datasets.FashionMNIST}

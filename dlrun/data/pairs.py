@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dlrun.data.base import Splits
+from dlrun.data.in_memory import Splits
 from dlrun.data.module import DataModule, require
 from dlrun.data.samplers import (
     ClassBalancedSampler,

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from dlrun.data.base import held_out, missing_data
 from dlrun.data.folder import list_images
+from dlrun.data.in_memory import held_out, missing_data
 from dlrun.data.labelled import LabelledImages
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from dlrun.data.archive import safe_extract
-from dlrun.data.base import Splits, missing_data
 from dlrun.data.download import download_tip, failure_reason, new_folders_removed_on_failure
 from dlrun.data.folder import read_flat
+from dlrun.data.in_memory import Splits, missing_data
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import SequentialSampler, ShardedSampler, UnpairedSampler
 from dlrun.data.tensor_loader import TensorLoader
