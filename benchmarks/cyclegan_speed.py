@@ -171,7 +171,7 @@ def run_peer(a: argparse.Namespace, threads: int, tag: str) -> Result:
 # --- the dlrun side (ADAPT HERE) -----------------------------------------------------------------
 # The CycleGAN trainer is unfinished: check the overrides and the per-step tag once it runs.
 # Assumed: trainer.log_every_n_steps=1 makes the loop write `train/lr` once per optimizer step
-# (RunLog._flush), and each event's wall_time is time.time() when it was written.
+# (RunLogger.window), and each event's wall_time is time.time() when it was written.
 DLRUN_STEP_TAG = "train/lr"
 
 

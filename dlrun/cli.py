@@ -25,7 +25,7 @@ from dlrun.engine.hooks import Hook, builtin
 from dlrun.engine.tb import hparams_of
 from dlrun.engine.trainer import Trainer
 from dlrun.errors import UserError
-from dlrun.launch import cluster, rundir, sweep, threads
+from dlrun.launch import cluster, process, rundir, sweep
 from dlrun.models import without_pretrained
 
 log = logging.getLogger("dlrun")
@@ -75,9 +75,11 @@ def build_trainer(
             f"data.{missing[0]} must be set for data={data}, e.g. data.{missing[0]}=PATH."
         )
     device = resolve_device(cfg.device)
-    threads.apply(cfg.trainer.get("num_threads"))  # before any tensor work: the run's one count
+    # Before any tensor work, for the whole process; the trainer takes both keys as arguments.
+    process.configure(
+        cfg.trainer.get("num_threads"), bool(cfg.trainer.get("deterministic", False)), device
+    )
     torch.manual_seed(cfg.seed)
-    set_determinism(bool(cfg.trainer.get("deterministic", False)), device)
     data = build(cfg.data, "data")
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.describe()["num_classes"]
@@ -88,10 +90,8 @@ def build_trainer(
     # The keys of the built-in hooks (trainer.ema, trainer.profile, ...) build those hooks.
     node, hooks = builtin.split(OmegaConf.to_container(cfg.trainer, resolve=True))
     # Partial first, then call: instantiate() would copy these live objects into the config.
-    # num_threads is dlrun's (set above), not a trainer argument.
     factory = build(node, "trainer", _partial_=True)
-    factory.keywords.pop("num_threads", None)
-    factory.keywords.pop("deterministic", None)  # process-wide: set above
+    record: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     trainer = factory(
         model=build(model_node, "model"),
         data=data,
@@ -100,12 +100,15 @@ def build_trainer(
         sched=build(cfg.sched, "sched"),
         run_dir=Path(run_dir),
         device=device,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        config_record=record,  # what the run folder stores in checkpoints and compares on resume
         hparams=hparams_of(cfg, choices or {}),
+        mode=cfg.mode,
+        seed=cfg.seed,
+        model_spec=record["model"],
         freeze=cfg.get("freeze"),
         hooks=[*hooks, *callbacks(cfg)],
     )
-    trainer.check_mode(cfg.mode, cfg.ckpt)
+    trainer.check_mode(cfg.mode, cfg.ckpt, mode_options(cfg))
     resuming = cfg.resume not in (False, None)
     trainer.setup(start_from=cfg.ckpt if cfg.mode == "train" and not resuming else None)
     return trainer
@@ -142,14 +145,9 @@ def callbacks(cfg: DictConfig) -> list[Hook]:
     return hooks
 
 
-def set_determinism(on: bool, device: torch.device) -> None:
-    """trainer.deterministic: deterministic kernels only (an op without one is an error) and no
-    cudnn autotuning, whose choice of algorithm varies from run to run; off: cudnn benchmarks."""
-    if on:  # cuBLAS needs a fixed workspace to be deterministic (before its first use)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not on
+def mode_options(cfg: DictConfig) -> dict[str, Any]:
+    """The options of `cfg.mode`: the config node of its name (`predict.*`, `export.*`), if any."""
+    return OmegaConf.to_container(cfg[cfg.mode], resolve=True) if cfg.mode in cfg else {}  # type: ignore[return-value]
 
 
 def _latest(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str | None]) -> Path:
@@ -192,8 +190,9 @@ def _run_mode(
             cfg.mode,
             ckpt=cfg.ckpt,
             resume=cfg.resume not in (False, None),
-            options=OmegaConf.to_container(cfg[cfg.mode], resolve=True) if cfg.mode in cfg else {},
+            options=mode_options(cfg),
             commit=(commit or default) if dist.is_main() else (lambda: None),
+            weights=str(cfg.get("eval", {}).get("weights", "model")),  # eval.weights
         )
     except RuntimeError as err:  # trainer.deterministic=true and an op that has no such kernel
         if not torch.are_deterministic_algorithms_enabled() or "deterministic" not in str(err):

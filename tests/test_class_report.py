@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.tensorboard.summary import compute_curve
 
 from dlrun.cli import run
-from dlrun.engine.trainer import Trainer
+from dlrun.engine.placement import Placement
 from dlrun.models.lenet import LeNet5
 from dlrun.tasks.classification import class_report
 from dlrun.tasks.classification.class_report import PR_THRESHOLDS, EvalAccumulator, tag_names
@@ -51,7 +51,7 @@ def test_a_run_shows_the_class_report(
 
     monkeypatch.setattr(ClassificationTrainer, "log_evaluation", keep)
     # CUDA's peak memory, as a CUDA run reports it (this machine has no GPU)
-    monkeypatch.setattr(Trainer, "_peak_memory", lambda self: {"sys/max_memory_gb": 1.25})
+    monkeypatch.setattr(Placement, "peak_memory", lambda self: {"sys/max_memory_gb": 1.25})
     run(make_cfg(*QUICK), tmp_path)
     trainer = seen["trainer"]
     assert seen["prefix"] == "val"
@@ -197,11 +197,9 @@ def test_peak_memory_is_read_and_reset_on_cuda_only(monkeypatch: pytest.MonkeyPa
         torch.cuda, "max_memory_allocated", lambda d: calls.append("max") or 3 * 2**29
     )
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append("reset"))
-    trainer = Trainer.__new__(Trainer)
-    trainer.device = torch.device("cpu")
-    assert trainer._peak_memory() == {} and calls == []
-    trainer.device = torch.device("cuda", 0)
-    assert trainer._peak_memory() == {"sys/max_memory_gb": 1.5}
+    assert Placement(torch.device("cpu")).peak_memory() == {} and calls == []
+    placement = Placement(torch.device("cuda", 0))
+    assert placement.peak_memory() == {"sys/max_memory_gb": 1.5}
     assert calls == ["max", "reset"]  # the next epoch's peak starts afresh
 
 

@@ -362,7 +362,7 @@ def least_squares(run_dir: Path, **kwargs: Any) -> LeastSquares:
         sched=lambda optimizer, **_: None,
         run_dir=run_dir,
         device=torch.device("cpu"),
-        run_config={"trainer": {"max_epochs": 3}},
+        config_record={"trainer": {"max_epochs": 3}},
         hparams={"model": "linear_regression"},
         freeze=None,
         max_epochs=3,

@@ -3,7 +3,7 @@
 The effective config of a resumed run: the run's saved value for every key it has (under today's
 names, through dlrun.config.explain' one migration table), today's default only for a key it lacks, and
 the resume command's own overrides on top. An override that contradicts the run is refused, unless
-it is one that resume may change (state.RESUMABLE_CHANGES: the length, logging, data locations).
+it is one that resume may change (run_folder.RESUMABLE_CHANGES: the length, logging, data locations).
 
 Two steps, because Hydra composes the config before dlrun sees it:
 - `command_with_run` (before Hydra): the run's own config groups and overrides go first on the
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlrun.config.migrations import migrate, moved_target, new_name
 from dlrun.engine import checkpoint
-from dlrun.engine.resumable import NEUTRAL, RESUMABLE_CHANGES
+from dlrun.engine.run_folder import NEUTRAL, RESUMABLE_CHANGES
 from dlrun.errors import UserError
 
 log = logging.getLogger("dlrun")

@@ -165,3 +165,14 @@ def kind_of(data: "DataModule") -> str:
     """`data.kind`: the batches it serves (Trainer.data_kinds); a module of one's own without one
     serves classification batches (image, label)."""
     return getattr(data, "kind", "classification")
+
+
+def check_kind(data: "DataModule", kinds: Sequence[str], task: str) -> None:
+    """A trainer (`task`, which trains on `kinds` of data) refuses a module serving others."""
+    kind = kind_of(data)
+    if kind not in kinds:
+        unpaired = " (two image domains: train it with model=cyclegan)."
+        raise UserError(
+            f"{task} trains on {' or '.join(kinds)} data, but data={getattr(data, 'name', '?')} "
+            f"is {kind} data" + (unpaired if kind == "unpaired" else ".")
+        )

@@ -1,8 +1,10 @@
 """What keeps a long run safe: stop signals honoured between steps, non-finite losses caught."""
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -63,6 +65,24 @@ class StopSignals:
             "(send it again to stop at once)",
             name,
         )
+
+    def on_every_rank(self, device: torch.device) -> bool:
+        """Whether a stop signal arrived, here or (under DDP) on any rank: one all-reduce."""
+        received = self.received is not None
+        return dist.any_rank(received, device) if dist.initialized() else received
+
+    @contextlib.contextmanager
+    def cuttable(self) -> Iterator[dict[str, bool]]:
+        """An evaluation that a stop signal ends at once (`EvaluationCut`, which stops here):
+        the yielded dict's "cut" says whether one did."""
+        outcome = {"cut": False}
+        self.evaluating = True
+        try:
+            yield outcome
+        except EvaluationCut:
+            outcome["cut"] = True
+        finally:
+            self.evaluating = False
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -138,6 +138,19 @@ class Optimization:
         if self.boundary and self.scaler.is_enabled():
             self.scaler.update(1.0 if self.skip_scaler else None)
 
+    def check_trains(self) -> None:
+        """Before training: a task that trains weights has some left to train."""
+        if not self.optimizers:
+            raise UserError(
+                "There is nothing to train: every parameter is frozen. Freeze fewer stages "
+                "(freeze=N or freeze=null)."
+            )
+
+    def lr(self) -> float | None:
+        """The first optimizer's learning rate (train/lr); None without an optimizer (k-NN)."""
+        first = next(iter(self.optimizers.values()), None)
+        return None if first is None else first.param_groups[0]["lr"]
+
     # ----- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -149,6 +162,8 @@ class Optimization:
 
     def load_state_dict(self, state: Mapping[str, Any], step_count: int) -> None:
         for key, objects in (("optimizer", self.optimizers), ("scheduler", self.schedulers)):
+            if not objects:  # a task that trains no weights (k-NN) has none
+                continue
             saved = state[key] if len(objects) > 1 else {next(iter(objects)): state[key]}
             for role, obj in objects.items():
                 if obj is not None:

@@ -1,14 +1,18 @@
-"""The one-paragraph messages of a run that stops: NaN/inf loss and out of memory."""
+"""The one-paragraph messages of a run that stops: NaN/inf loss, a stop signal, out of memory."""
 
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from dlrun.engine.guards import Interrupted
-from dlrun.engine.resumable import saved_step
-from dlrun.errors import OutOfMemory, TrainingDiverged, UserError
+from dlrun.engine.guards import Interrupted, NonFiniteGuard
+from dlrun.engine.loop_state import LoopState
+from dlrun.engine.optimize import Optimization
+from dlrun.engine.run_folder import RunFolder, saved_step
+from dlrun.engine.run_logger import RunLogger
+from dlrun.errors import OutOfMemory, TrainingDiverged
 
 log = logging.getLogger("dlrun.engine.trainer")
 
@@ -39,8 +43,10 @@ def diverged(
 
 
 def out_of_memory(
-    device: str, step: int, phase: str, key: str, size: int, last: Path, saved: int | None
+    device: str, step: int, phase: str, key: str, size: int, last: Path
 ) -> OutOfMemory:
+    """Out of memory at `step` in `phase` (train | eval), naming the batch size `key` to lower."""
+    saved = saved_step(last)
     kept = (
         f"The checkpoint {last} (step {saved}) is intact."
         if saved is not None
@@ -54,11 +60,26 @@ def out_of_memory(
 
 
 class Stops:
-    """The loop's ways to end early: NaN/inf (stop or skip), a stop signal, out of memory."""
+    """The loop's early ends, as one-paragraph errors naming what to do: a NaN/inf loss (stop,
+    or count the skipped steps), a stop signal (after its checkpoint), out of memory."""
 
-    def _check_finite(self) -> None:
-        """Stop (or count the skipped steps) where a loss was NaN/inf, naming the step."""
-        bad = self.guard.bad_steps(self.step_count)
+    def __init__(
+        self,
+        guard: NonFiniteGuard,
+        opt: Optimization,
+        folder: RunFolder,
+        logger: RunLogger,
+        data: Any,
+        device: torch.device,
+        fp16: bool,
+    ) -> None:
+        self.guard, self.opt, self.folder, self.logger = guard, opt, folder, logger
+        self.data, self.device, self.fp16 = data, device, fp16
+
+    def check_finite(self, state: LoopState) -> None:
+        """After the steps up to `state.step`: stop where a loss was NaN/inf, naming the step, or
+        (trainer.on_nonfinite=skip) count the skipped updates."""
+        bad = self.guard.bad_steps(state.step)
         if not bad:
             return
         if self.guard.policy == "skip":
@@ -68,33 +89,28 @@ class Stops:
                 "(trainer.on_nonfinite=skip)", bad[0][0], self.guard.skipped,
             )  # fmt: skip
             return
-        group = self.optimizer.param_groups[0]
-        raise diverged(
-            bad,
-            self.epoch + 1,
-            self.last_path,
-            saved_step(self.last_path),
-            group.get("initial_lr", group["lr"]),
-            self.dtype == torch.float16,
+        group = next(iter(self.opt.optimizers.values())).param_groups[0]
+        last = self.folder.last_path
+        lr = group.get("initial_lr", group["lr"])
+        raise diverged(bad, state.epoch + 1, last, saved_step(last), lr, self.fp16)
+
+    def interrupted(self, signum: int | None, state: LoopState, mid_epoch: bool) -> Interrupted:
+        """A stop signal, after the checkpoint at `state.step`; TensorBoard flushed first."""
+        self.logger.flush()
+        signum = signum or signal.SIGTERM
+        where = (
+            f"epoch {state.epoch + 1}, mid-epoch" if mid_epoch else f"end of epoch {state.epoch}"
+        )
+        return Interrupted(
+            f"{signal.Signals(signum).name}: stopped after step {state.step} ({where}) with a "
+            f"checkpoint in {self.folder.last_path}. Continue with: dlrun resume=true "
+            f"hydra.run.dir={self.folder.run_dir} (the run's own options come from its folder)",
+            signum,
         )
 
-    def _stop_now(self, mid_epoch: bool = True) -> None:
-        name = signal.Signals(self.stop.received or signal.SIGTERM).name
-        where = f"epoch {self.epoch + 1}, mid-epoch" if mid_epoch else f"end of epoch {self.epoch}"
-        if self.writer is not None:
-            self.writer.flush()
-        raise Interrupted(
-            f"{name}: stopped after step {self.step_count} ({where}) with a checkpoint in "
-            f"{self.last_path}. Continue with: dlrun resume=true hydra.run.dir={self.run_dir} "
-            "(the run's own options come from its folder)",
-            self.stop.received or signal.SIGTERM,
-        )
-
-    def _out_of_memory(self) -> UserError:
-        evaluating = self.phase == "eval"
+    def out_of_memory(self, step: int, phase: str) -> OutOfMemory:
+        """Out of memory at `step` in `phase` (train | eval): names the batch size to lower."""
+        evaluating = phase == "eval"
         key = "data.eval_batch_size" if evaluating else "data.batch_size"
         size = self.data.eval_batch_size if evaluating else self.data.batch_size
-        return out_of_memory(
-            str(self.device), self.step_count, self.phase, key, size, self.last_path,
-            saved_step(self.last_path),
-        )  # fmt: skip
+        return out_of_memory(str(self.device), step, phase, key, size, self.folder.last_path)

@@ -1,8 +1,8 @@
-"""The one training loop: devices, precision, compile, steps, evaluation cadence, TensorBoard, checkpoints."""
+"""The one training loop: the trainer holds its parts, each given what it needs as arguments, and
+calls the task (its subclass) through `step`, `evaluate` and the methods a task overrides."""
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,140 +13,107 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
-from dlrun.data.module import kind_of
-from dlrun.engine import dist, introspect, sync_bn, transfer
+from dlrun.data.module import check_kind
+from dlrun.engine import checkpoint, dist, introspect, loop_state, run_modes
+from dlrun.engine.evaluation import Evaluation
 from dlrun.engine.guards import NonFiniteGuard, StopSignals
-from dlrun.engine.hooks.base import Hook, checked, running
+from dlrun.engine.hooks import state as hook_state
+from dlrun.engine.hooks.base import Hook, Hooks
+from dlrun.engine.loop_state import Cadence, EpochProgress, LoopState, RunLength, Sums, batch_items
 from dlrun.engine.monitor import Monitor
 from dlrun.engine.optimize import Optimization
+from dlrun.engine.placement import Placement
 from dlrun.engine.precision import resolve_precision
-from dlrun.engine.resumable import EpochProgress, ResumableRun
-from dlrun.engine.run_log import RunLog
-from dlrun.engine.run_modes import RunModes
+from dlrun.engine.run_folder import FORMAT, RunFolder, rank_rngs, restore_rngs
+from dlrun.engine.run_logger import RunLogger
+from dlrun.engine.steps import OptimizerSteps
 from dlrun.engine.stops import Stops
-from dlrun.errors import UserError
+from dlrun.launch import threads
 
+__all__ = ["Sums", "Trainer", "batch_items"]
 log = logging.getLogger(__name__)
-Sums = Mapping[str, tuple[Tensor, Tensor | int]]  # what a step returns: metric -> (sum, count)
 
 
-def batch_items(batch: Mapping[str, Tensor]) -> int:
-    """Items in a dict batch (its first tensor's length): what images/s counts."""
-    return len(next(iter(batch.values())))
-
-
-class Trainer(RunModes, RunLog, Stops, ResumableRun):
-    """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`.
-
-    It may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
+class Trainer:
+    """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`;
+    it may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
     `mode_<name>`), state (`extra_state`), start/end logging and a model check. The constructor
-    only stores; `setup()` (after every subclass constructor has run) calls those methods.
-    Side effects (EMA, profiling, top-k, early stopping, callbacks) are `hooks` (hooks/base.py).
-    """
+    only stores; `setup()` (after every subclass constructor has run) calls those methods."""
 
     default_monitor: str | None = "val/acc"
-    # What its batches must hold: a data module's `kind` ("classification": image + label;
-    # "unpaired": image_a + image_b). A module without one is taken as classification.
+    # The data it trains on, by module `kind`: "classification" (image, label; the default).
     data_kinds: tuple[str, ...] = ("classification",)
+    frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
+    scores_test_at_end: bool = False  # test/* at the end when val/* is held out of training
+    takes_closures: bool = False  # L-BFGS re-evaluates the loss: the task steps by closure
+    trains_weights: bool = True  # False (k-NN): `step` is all it trains, no optimizer, no steps
+    modes: tuple[str, ...] = ("train", "eval")
 
     def __init__(
-        self,
-        *,
-        model: nn.Module,
-        data: Any,
-        optim: Callable[..., Optimizer],
-        sched: Callable[..., LRScheduler | None],
-        run_dir: str | Path,
-        device: torch.device,
-        run_config: Mapping[str, Any],
-        hparams: Mapping[str, Any],
-        max_epochs: int = 10,
-        max_steps: int | None = None,
-        precision: str = "fp32",
-        channels_last: bool = False,
-        compile: bool = False,
-        log_every_n_steps: int = 50,
-        checkpoint_every_n_steps: int | None = None,
-        on_nonfinite: str = "stop",
-        progress: bool | None = None,
-        grad_clip: float | None = None,
-        accumulate_grad_batches: int = 1,
-        val_every_n_epochs: int = 1,
-        val_every_n_steps: int | None = None,
-        monitor: str | None = "auto",
-        monitor_mode: str = "max",
-        freeze: str | int | None = None,
-        sync_batchnorm: bool = False,
-        hooks: Sequence[Hook] = (),
-    ) -> None:
-        if max_epochs < 1 or (max_steps is not None and max_steps < 1):
-            raise UserError("trainer.max_epochs and trainer.max_steps must be positive integers.")
-        if val_every_n_epochs < 1 or (val_every_n_steps is not None and val_every_n_steps < 1):
-            raise UserError(
-                "trainer.val_every_n_epochs and trainer.val_every_n_steps must be positive "
-                "integers (val_every_n_steps may be null)."
-            )
-        kind = kind_of(data)
-        if kind not in self.data_kinds:
-            raise UserError(
-                f"{type(self).__name__} trains on {' or '.join(self.data_kinds)} data, but "
-                f"data={getattr(data, 'name', '?')} is {kind} data"
-                + (
-                    " (two image domains: train it with model=cyclegan)."
-                    if kind == "unpaired"
-                    else "."
-                )
-            )
-        self.device, self.data, self.model = device, data, model
-        self.config, self.hparams = dict(run_config), dict(hparams)
+        self, *, model: nn.Module, data: Any, run_dir: str | Path, device: torch.device,
+        optim: Callable[..., Optimizer], sched: Callable[..., LRScheduler | None],
+        hparams: Mapping[str, Any], config_record: Mapping[str, Any] | None = None,
+        mode: str = "train", seed: int = 0, model_spec: Mapping[str, Any] | None = None,
+        num_threads: int | None = None, deterministic: bool = False,
+        max_epochs: int = 10, max_steps: int | None = None,
+        precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+        sync_batchnorm: bool = False, freeze: str | int | None = None,
+        log_every_n_steps: int = 50, progress: bool | None = None,
+        checkpoint_every_n_steps: int | None = None, on_nonfinite: str = "stop",
+        grad_clip: float | None = None, accumulate_grad_batches: int = 1,
+        val_every_n_epochs: int = 1, val_every_n_steps: int | None = None,
+        monitor: str | None = "auto", monitor_mode: str = "max", hooks: Sequence[Hook] = (),
+    ) -> None:  # fmt: skip
+        self.length = RunLength(max_epochs, max_steps, accumulate_grad_batches)
+        self.cadence = Cadence(
+            val_every_n_epochs, val_every_n_steps, log_every_n_steps, checkpoint_every_n_steps
+        )
+        check_kind(data, self.data_kinds, type(self).__name__)
+        self.device, self.data, self.model, self.hparams = device, data, model, dict(hparams)
+        # model_spec: the model's resolved _target_ and arguments (what rebuilds it). The threads
+        # and determinism are set before any tensor work (launch/process.py); resume keeps threads.
+        self.mode, self.seed, self.model_spec = mode, int(seed), dict(model_spec or {})
+        self.num_threads, self.deterministic = num_threads, bool(deterministic)
         self.run_dir = Path(run_dir)
+        # The composed config: an opaque record that only the run folder stores and compares.
+        self.folder = RunFolder(self.run_dir, config_record or {})
+        self.logger = RunLogger(self.run_dir, progress)
+        self.placement = Placement(device, channels_last, compile, sync_batchnorm, freeze)
         self.dtype = resolve_precision(precision, device)
-        # NHWC: what tensor cores and oneDNN convolutions want; batches follow in `layout`.
-        self.channels_last = channels_last
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format, self.accumulate = self.placement.memory_format, accumulate_grad_batches
         self.optim_factory, self.sched_factory = optim, sched
-        self.requested_steps, self.requested_epochs = max_steps, max_epochs
-        self.compile, self.freeze_spec = compile, freeze
-        self.sync_batchnorm = sync_batchnorm
-        self.grad_clip, self.accumulate = grad_clip, accumulate_grad_batches
-        self.on_nonfinite = on_nonfinite
-        self.log_every = max(1, log_every_n_steps)
-        self.checkpoint_every = checkpoint_every_n_steps
-        self.val_every_epochs, self.val_every_steps = val_every_n_epochs, val_every_n_steps
+        self.grad_clip, self.on_nonfinite = grad_clip, on_nonfinite
         self.monitor = Monitor(monitor, monitor_mode)
-        self.hooks: list[Hook] = checked(hooks)
-        # The weights the model holds while a task evaluates: "model", or "ema" while trainer.ema's
-        # average is swapped in (or eval.weights=ema); a task fitting a threshold keeps one per set.
+        self.hooks = Hooks(hooks, owner=self)
+        # The weights the model holds while a task evaluates: "model", or "ema" (trainer.ema's
+        # average swapped in, eval.weights=ema): a task fitting a threshold keeps one per set.
         self.scored_weights = "model"
-        self.progress = progress
-        self.epoch = self.step_count = 0
-        self.train_time = 0.0
-        self.metrics: dict[str, float] = {}
-        self.writer: SummaryWriter | None = None
+        self.state = LoopState()
         self.resumed_progress: EpochProgress | None = None  # set by a mid-epoch resume
         self.stop = StopSignals()
-        self.phase = "train"  # or "eval": which batch size an out-of-memory message names
+        self.evaluation = Evaluation(
+            data, self.cadence, self.hooks, self.logger, self.monitor, self.stop
+        )
         self.prepared = self.resumed = self.is_setup = False
-        self.last_eval_step = -1
-        self.frozen_modules: list[nn.Module] = []
+        self.checkpoint_path: str | None = None  # an output mode's ckpt=, once it runs
+
+    # The loop's counters (LoopState) and parts' values, under the names tasks and hooks read.
+    epoch, step_count = loop_state.state_field("epoch"), loop_state.state_field("step")
+    train_time, metrics = loop_state.state_field("train_time"), loop_state.state_field("metrics")
+    last_eval_step = loop_state.state_field("last_eval_step")
+    writer = loop_state.delegated("logger", "writer")  # rank 0, while `fit` runs; else None
+    last_path = loop_state.delegated("folder", "last_path")  # <run>/checkpoints/last.pt
 
     # ----- what a task provides -----------------------------------------------------------------
     def roles(self) -> dict[str, nn.Module]:
         """The task's networks by role; `trainer.compile` wraps each one the task calls."""
         return {"model": self.model}
 
-    frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
-    # Score the test split at the end when val/* is held out of training (`_score_test_split`).
-    scores_test_at_end: bool = False
-    # Optimizers that re-evaluate the loss (L-BFGS) need a task that steps through a closure.
-    takes_closures: bool = False
-
     def role_steps(self, role: str) -> tuple[int, int]:
         """(total, per epoch) optimizer steps a role takes: what its schedule is laid over."""
         return self.max_steps, self.steps_per_epoch
 
-    def check_model(self) -> None:
-        """Checks and data-dependent initialisation before the model moves to the device."""
+    def check_model(self) -> None: ...  # checks, data-dependent init: before the model is placed
 
     def count_flops(self) -> int:
         """Forward FLOPs of one input, as the run folder reports them."""
@@ -167,11 +134,8 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         """Tags this task always logs: what the HParams tab declares besides the monitor."""
         return []
 
-    def log_start(self, writer: SummaryWriter) -> None:
-        """Anything a task logs once at the start of a fresh run (e.g. an image grid)."""
-
-    def log_end(self, writer: SummaryWriter) -> None:
-        """Anything a task logs once when training ends (e.g. what the network learned to see)."""
+    def log_start(self, writer: SummaryWriter) -> None: ...  # once, as a fresh run starts
+    def log_end(self, writer: SummaryWriter) -> None: ...  # once, as training ends
 
     def log_evaluation(self, writer: SummaryWriter, prefix: str) -> None:
         """What an evaluation shows beyond its scalars (images, PR curves), written once after
@@ -181,8 +145,7 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         """Task state beyond models, optimizers and RNGs that resume needs (e.g. a step counter)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what `extra_state` returned."""
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...  # what extra_state returned
 
     # ----- set-up: after every constructor ------------------------------------------------------
     def setup(self, start_from: str | None = None) -> None:
@@ -190,51 +153,35 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
         if self.is_setup:
             return
         self.check_model()
-        if start_from:  # ckpt= in training mode: a checkpoint's (or a state dict's) weights
-            transfer.load_weights(self.model, transfer.read_weights(start_from), start_from)
-        self.frozen_modules = transfer.freeze(self.model, self.freeze_spec)
-        if self.sync_batchnorm and dist.initialized():  # one process: nothing to synchronise
-            self.model = sync_bn.convert(self.model, self.device)
-        self.model.to(self.device, memory_format=self.memory_format)
+        self.model = self.placement.place(self.model, start_from)
         roles = self.roles()
-        trainable = {
-            role: [p for p in module.parameters() if p.requires_grad]
-            for role, module in roles.items()
-            if role not in self.frozen_roles
-        }
+        trainable = self.placement.trainable(roles, self.frozen_roles)
         self.params = sum(p.numel() for ps in trainable.values() for p in ps)
         self.flops = self.count_flops()
-        self.batches_per_epoch = len(self.train_loader())
-        self.steps_per_epoch = -(-self.batches_per_epoch // self.accumulate)
-        self.max_steps = self.requested_steps or self.requested_epochs * self.steps_per_epoch
-        self.max_epochs = -(-self.max_steps // self.steps_per_epoch)
+        self.batches_per_epoch = n = len(self.train_loader())
+        self.steps_per_epoch, self.max_steps, self.max_epochs = self.length.plan(n)
+        fp16 = self.dtype == torch.float16
         self.opt = Optimization(
-            optim=self.optim_factory,
-            sched=self.sched_factory,
-            params=trainable,
-            role_steps={role: self.role_steps(role) for role in trainable},
-            device=self.device,
-            fp16=self.dtype == torch.float16,
-            skip_nonfinite=self.on_nonfinite == "skip",
-            grad_clip=self.grad_clip,
-            accumulate=self.accumulate,
-            closures=self.takes_closures,
+            optim=self.optim_factory, sched=self.sched_factory, params=trainable,
+            role_steps={role: self.role_steps(role) for role in trainable}, device=self.device,
+            fp16=fp16, skip_nonfinite=self.on_nonfinite == "skip",
+            grad_clip=self.grad_clip, accumulate=self.accumulate, closures=self.takes_closures,
             task=type(self).__name__,
-        )
+        )  # fmt: skip
         self.optimizers, self.scaler = self.opt.optimizers, self.opt.scaler
         self.optimizer = next(iter(self.optimizers.values()), None)  # the one train/lr shows
-        # A run shorter than one logging window logs 10 step points (a curve, not one dot); a
-        # longer one keeps the cadence asked for (each window ends in a host sync).
-        if self.max_steps < self.log_every:
-            self.log_every = max(1, self.max_steps // 10)
-        self.guard = NonFiniteGuard(
-            self.on_nonfinite, self.log_every, list(self.optimizers), self.device
-        )
-        nets = dist.wrap_trained(roles, [r for r, ps in trainable.items() if ps], self.device)
-        self.nets = {r: torch.compile(m) if self.compile else m for r, m in nets.items()}
+        self.cadence.fit(self.max_steps)
+        self.guard = NonFiniteGuard(self.on_nonfinite, self.cadence.log_every,
+                                    list(self.optimizers), self.device)  # fmt: skip
+        self.stops = Stops(self.guard, self.opt, self.folder, self.logger, self.data, self.device,
+                           fp16)  # fmt: skip
+        self.steps = OptimizerSteps(
+            self.opt, self.guard, self.hooks, self.logger, self.placement, self.cadence,
+            self.stops, self.accumulate, self.trains_weights,
+        )  # fmt: skip
+        self.nets = self.placement.wrap(roles, [r for r, ps in trainable.items() if ps])
         self.monitor.resolve(self.default_monitor)
-        for hook in self.hooks:  # the model placed, the optimizers and the monitor settled
-            hook.setup(self)
+        self.hooks.setup()  # the model placed, the optimizers and the monitor settled
         self.is_setup = True
 
     # ----- helpers for tasks --------------------------------------------------------------------
@@ -264,137 +211,182 @@ class Trainer(RunModes, RunLog, Stops, ResumableRun):
 
     def train_mode(self) -> None:
         """Trainable roles in train mode; frozen roles and frozen stages in eval mode."""
-        for role, module in self.roles().items():
-            module.train(role not in self.frozen_roles)
-        for module in self.frozen_modules:
-            module.eval()  # BatchNorm statistics of frozen stages stay as loaded
+        self.placement.train_mode(self.roles(), self.frozen_roles)
 
     # ----- the loop -----------------------------------------------------------------------------
+    def prepare(self, resume: bool) -> None:
+        """Every check before the run folder is touched: a resumable checkpoint, or a fresh folder."""
+        if self.trains_weights:
+            self.opt.check_trains()  # a network frozen whole has nothing to train
+        if (state := self.folder.prepare(resume)) is not None:  # resume=true, from last.pt
+            self.load_state_dict(state)
+            self.resumed = True
+        self.prepared = True
+
     def fit(self, resume: bool = False) -> dict[str, float]:
         if not self.prepared:
             self.prepare(resume)
-        for torn in self.last_path.parent.glob(".*.tmp*"):  # left by a process killed mid-write
-            torn.unlink(missing_ok=True)
+        self.folder.clear_torn()
         # From here on a stop signal ends in a checkpoint, not a kill (and trainer.profile records).
-        with self.stop, running(self.hooks, self):
-            self._open_writer(self.resumed)
-            self._hint_short_run()
+        with self.stop, self.hooks.running():
+            self._open_writer()
             try:
                 self._pending_validation()
                 while not self.finished() or self.resumed_progress is not None:
                     if self._train_epoch() == "signal":
-                        self._stop_now()
+                        raise self.stops.interrupted(self.stop.received, self.state, True)
                     self.epoch += 1
-                    due = self.epoch % self.val_every_epochs == 0 or self.finished()
+                    due = self.evaluation.due(self.state, True, self.finished())
                     if due and self.last_eval_step != self.step_count:
-                        self._validate()
+                        self.evaluation.validate(self.evaluate, self.log_evaluation, self.state)
                     self._save_checkpoints()
                     cut = self.last_eval_step != self.step_count and due
                     if self.stop.received and (not self.finished() or cut):
-                        self._stop_now(mid_epoch=False)
-                self._score_test_split()
+                        raise self.stops.interrupted(self.stop.received, self.state, False)
+                if self.scores_test_at_end:
+                    self.evaluation.test_split(self.evaluate, self.log_evaluation, self.state)
             except torch.OutOfMemoryError:
-                raise self._out_of_memory() from None
+                raise self.stops.out_of_memory(self.step_count, self.evaluation.phase) from None
         if self.writer is not None:
             self.log_end(self.writer)
-            self.writer.close()
+            self.logger.close()
         return self.write_metrics()
 
     def finished(self) -> bool:
-        return (
-            self.epoch >= self.max_epochs
-            or self.step_count >= self.max_steps
-            or self.monitor.stopped_early
-        )
+        return self.length.done(self.state) or self.monitor.stopped_early
 
     def _train_epoch(self) -> str | None:
         """One epoch (or its rest, after a mid-epoch resume); "signal" if a stop signal cut it."""
         self.train_mode()
         p, self.resumed_progress = self.resumed_progress or EpochProgress(), None
-        self._sync()
-        start = time.perf_counter() - p.elapsed
-        loader = self.train_loader()
-        batches = loader.iterate(p.position if p.batch else None)
-        n_batches = len(loader)
-        skip, distributed = self.guard.policy == "skip", dist.initialized()
-        hooked = bool(self.hooks)  # without hooks, the steps do no work for them
-        for batch in self._bar(batches, n_batches, p.batch):
-            if self.step_count >= self.max_steps:
-                break
-            boundary = (p.batch + 1) % self.accumulate == 0 or p.batch + 1 == n_batches
-            if hooked and p.batch % self.accumulate == 0:  # an optimizer step's first batch
-                for hook in self.hooks:
-                    hook.before_step(self)
-            self.opt.begin(boundary)
-            out = self.step(batch)
-            self.opt.end()
-            if self.opt.grad_norms:
-                out = dict(out) | {
-                    "grad_norm" if role == "model" else f"grad_norm_{role}": (norm, 1)
-                    for role, norm in self.opt.grad_norms.items()
-                }
-            if skip:
-                out = self.guard.masked(out, self.step_count)
-            p.batch += 1
-            p.window_seen += batch_items(batch)
-            p.add(out)
-            if not boundary:
-                continue
-            self.step_count += 1
-            if hooked:
-                for hook in self.hooks:
-                    hook.after_step(self)
-            if self.step_count % self.log_every == 0 or self.step_count >= self.max_steps:
-                p.seen += p.window_seen
-                self._flush(p, p.seen / (time.perf_counter() - start))
-            if self.step_count >= self.max_steps:
-                break
-            val_due = self.val_every_steps and self.step_count % self.val_every_steps == 0
-            if val_due and p.batch < n_batches:  # an epoch end evaluates anyway
-                self._sync()
-                start += self._validate()  # evaluation time is not training time
+        loader, steps, cadence = self.train_loader(), self.steps, self.cadence
+        n_batches, desc = len(loader), f"epoch {self.epoch + 1}/{self.max_epochs}"
+        for _ in steps.run(loader, p, self.state, self.max_steps, desc, self.step):
+            mid_epoch = p.batch < n_batches  # an epoch's end evaluates and saves anyway
+            val_due = self.evaluation.due(self.state, False, False)
+            if val_due and mid_epoch:
+                with steps.paused():  # evaluation time is not training time
+                    self.evaluation.validate(self.evaluate, self.log_evaluation, self.state)
                 self.train_mode()
                 if self.monitor.stopped_early:
                     break
-            stop = self.stop.received is not None
-            if distributed:  # every rank stops at the same step (one all-reduce per step)
-                stop = dist.any_rank(stop, self.device)
-            ckpt_due = self.checkpoint_every and self.step_count % self.checkpoint_every == 0
-            if (stop or ckpt_due or val_due) and p.batch < n_batches:
-                self._sync()
-                p.elapsed, p.position = time.perf_counter() - start, loader.position()
-                saving = time.perf_counter()
-                self._save_checkpoints(p)
-                start += time.perf_counter() - saving  # writing is not training time
+            stop = self.stop.on_every_rank(self.device)  # every rank stops at the same step
+            if (stop or val_due or cadence.checkpoints_at(self.step_count)) and mid_epoch:
+                p.elapsed, p.position = steps.elapsed(), loader.position()
+                with steps.paused():  # writing is not training time
+                    self._save_checkpoints(p)
                 if stop:
                     return "signal"
-        p.seen += p.window_seen
-        p.fold()
-        self._sync()
-        elapsed = time.perf_counter() - start
+        elapsed = steps.finish(p)
         self.train_time += elapsed
-        self._check_finite()
-        metrics = {f"train/{k}": v for k, v in p.means(p.sums, p.counts).items()}
-        metrics |= {
-            "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/images_per_s": p.seen / max(elapsed, 1e-9),
-            "time/epoch_s": elapsed,
-            "epoch": float(self.epoch + 1),
-        }
-        if self.guard.skipped:
-            metrics["train/skipped_steps"] = float(self.guard.skipped)
-        self._log(metrics | self._peak_memory())
+        self.stops.check_finite(self.state)
+        metrics = p.summary(elapsed, self.opt.lr(), self.epoch + 1, self.guard.skipped)
+        self.logger.log(metrics | self.placement.peak_memory(), self.state)
         return None
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _pending_validation(self) -> None:
+        """A resumed run whose evaluation a stop signal cut short (StopSignals) runs it first:
+        then its log, monitor, best.pt and metrics are the uninterrupted run's."""
+        at_epoch_end = self.resumed_progress is None
+        pending = self.resumed and self.last_eval_step != self.step_count
+        if pending and self.evaluation.due(self.state, at_epoch_end, self.finished()):
+            log.info("evaluating step %d first: a stop signal cut it short", self.step_count)
+            self.evaluation.validate(self.evaluate, self.log_evaluation, self.state)
+            if at_epoch_end:
+                self._save_checkpoints()
 
-    def _peak_memory(self) -> dict[str, float]:
-        """CUDA only: the peak allocated since the last epoch's end (its evaluation included),
-        in GiB, as sys/max_memory_gb; then a fresh peak for the next epoch."""
-        if self.device.type != "cuda":
-            return {}
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-        torch.cuda.reset_peak_memory_stats(self.device)
-        return {"sys/max_memory_gb": peak}
+    def _save_checkpoints(self, progress: EpochProgress | None = None) -> None:
+        """last.pt (at an epoch end, or mid-epoch with `progress`); best.pt when the monitor improved."""
+        self.stops.check_finite(self.state)  # never replace a good checkpoint with diverged weights
+        self.hooks.before_save()  # trainer.save_top_k: this evaluation may enter the top k
+        state = self.state_dict(progress)  # every rank takes part (its RNG states)
+        if dist.is_main():
+            best, self.monitor.improved = self.monitor.improved, False
+            self.folder.save(state, self.hooks.after_save, best)
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def state_dict(self, progress: EpochProgress | None = None) -> dict[str, Any]:
+        """What a checkpoint holds, from every part (the layout older readers know, key for key)."""
+        return {
+            "format": FORMAT,
+            "model": checkpoint.unwrap(self.model).state_dict(),
+            **self.opt.state_dict(),
+            **rank_rngs(self.data.generators()),  # "rng", "rng_ranks": every rank takes part
+            "epoch": self.epoch,
+            "step": self.step_count,
+            "max_steps": self.max_steps,
+            "train_time": self.train_time,
+            "metrics": self.metrics,
+            "monitor": self.monitor.state_dict(),
+            "last_eval_step": self.last_eval_step,
+            "config": self.folder.record,
+            "task": self.extra_state(),
+            "skipped": self.guard.skipped,
+            "progress": None if progress is None else vars(progress),
+            "num_threads": torch.get_num_threads(),  # CPU float sums depend on it
+            **hook_state.saved(self.hooks),  # "hooks": each hook's state; "ema": the average
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from what `state_dict` saved (checked by `folder.resumable`): every part's."""
+        threads.restore(state.get("num_threads"), self.num_threads)
+        self.folder.check_length(state, self.max_steps, self.sched_factory, self.trains_weights)
+        self.folder.load_weights(self.model, state, self.last_path)
+        self.opt.load_state_dict(state, state["step"])
+        restore_rngs(state, self.data.generators())
+        self.state.load(state)
+        self.monitor.load_state_dict(state.get("monitor") or {})
+        self.load_extra_state(state.get("task") or {})
+        hook_state.restore(self.hooks, state)
+        self.guard.skipped, self.guard.checked = state.get("skipped", 0), self.step_count
+        if state.get("progress"):  # a mid-epoch checkpoint: its partial sums go back on the device
+            self.resumed_progress = EpochProgress(**state["progress"]).on(self.device)
+        p, n = self.resumed_progress, self.batches_per_epoch
+        where = (
+            f"epoch {self.epoch + 1}, batch {p.batch} of {n}" if p else f"end of epoch {self.epoch}"
+        )
+        log.info("resumed from %s at step %d (%s)", self.last_path, self.step_count, where)
+
+    def write_metrics(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+        """metrics.json: the last value of every logged scalar, plus params, epoch, step, train time."""
+        metrics = dict(self.metrics) | dict(extra or {})
+        return self.folder.write_metrics(metrics, self.params, self.flops, self.state)
+
+    # ----- modes (what they share: run_modes.py) ------------------------------------------------
+    def check_mode(self, mode: str, ckpt: str | None,
+                   options: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        """Before any work: the mode is the task's and has its checkpoint (and, say, `options`)."""
+        run_modes.check_mode(self.modes, mode, ckpt, type(self).__name__)
+
+    def run_mode(self, mode: str, *, ckpt: str | None, resume: bool, options: Mapping[str, Any],
+                 commit: Callable[[], None], weights: str = "model") -> dict[str, float]:  # fmt: skip
+        """Train, or run `mode_<mode>` on checkpoint `ckpt` (its `weights`: eval.weights)."""
+        if mode == "train":
+            self.prepare(resume=resume)
+            commit()
+            return self.fit(resume=resume)
+        state, self.scored_weights = self.folder.load_for_mode(self.model, str(ckpt), weights)
+        self.checkpoint_path = ckpt
+        commit()
+        return getattr(self, f"mode_{mode}")(state, dict(options))
+
+    def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
+        """Score the checkpoint on the test split: test/* in metrics.json and the log."""
+        self.epoch, self.step_count = state.get("epoch", 0), state.get("step", 0)
+        self.train_time = state.get("train_time", 0.0)
+        scored = self.evaluation.checkpoint(self.evaluate, self.log_evaluation, self.run_dir)
+        return self.write_metrics(scored)
+
+    def output_dir(self, mode: str) -> Path:
+        return self.run_dir / mode
+
+    def _open_writer(self) -> None:
+        """TensorBoard; a fresh run's header (run_logger.py) and the task's first images."""
+        net = checkpoint.unwrap(self.model)
+        writer = self.logger.open(self.step_count, type(net).__name__, self.params, self.flops)
+        if writer is not None and not self.resumed:
+            declared = self.logged_metrics()  # first: a task may settle its metric networks here
+            self.logger.header(self.folder.record, self.hparams, declared, self.monitor.name)
+            self.log_start(writer)
+        if self.trains_weights and not (self.resumed or self.cadence.val_every_steps):
+            self.logger.hint_short_run(self.max_steps, self.max_epochs)

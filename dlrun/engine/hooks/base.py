@@ -72,6 +72,64 @@ class Hook:
         none for this hook, e.g. one added on resume)."""
 
 
+class Hooks(list[Hook]):
+    """The trainer's hooks, in the order the loop calls them, each with its own checkpoint key.
+
+    Each method calls that method of every hook with `owner`, the trainer they serve (what a
+    hook is given: the loop's public state); the evaluation methods merge the hooks' metrics.
+    """
+
+    def __init__(self, hooks: Sequence[Hook], owner: "Trainer") -> None:
+        super().__init__(checked(hooks))
+        self.owner = owner
+
+    def setup(self) -> None:
+        for hook in self:
+            hook.setup(self.owner)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """`on_fit_start` on entry; `on_fit_end` on exit, however `fit` ends, for each started."""
+        started: list[Hook] = []
+        try:
+            for hook in self:
+                hook.on_fit_start(self.owner)
+                started.append(hook)
+            yield
+        finally:
+            for hook in reversed(started):
+                hook.on_fit_end(self.owner)
+
+    def before_step(self) -> None:
+        for hook in self:
+            hook.before_step(self.owner)
+
+    def after_step(self) -> None:
+        for hook in self:
+            hook.after_step(self.owner)
+
+    def before_evaluation(self, prefix: str) -> dict[str, float]:
+        extra: dict[str, float] = {}
+        for hook in self:
+            extra |= hook.before_evaluation(self.owner, prefix) or {}
+        return extra
+
+    def after_evaluation(self, prefix: str, metrics: Metrics) -> dict[str, float]:
+        """`metrics` and what each hook adds (a hook sees the earlier hooks' too)."""
+        merged = dict(metrics)
+        for hook in self:
+            merged |= hook.after_evaluation(self.owner, prefix, merged) or {}
+        return merged
+
+    def before_save(self) -> None:
+        for hook in self:
+            hook.before_save(self.owner)
+
+    def after_save(self, last_path: Path) -> None:
+        for hook in self:
+            hook.after_save(self.owner, last_path)
+
+
 def checked(hooks: Sequence[Hook]) -> list[Hook]:
     """The trainer's hooks, each a Hook with its own checkpoint key."""
     seen: set[str] = set()
@@ -89,17 +147,3 @@ def checked(hooks: Sequence[Hook]) -> list[Hook]:
             )
         seen.add(hook.state_key)
     return list(hooks)
-
-
-@contextlib.contextmanager
-def running(hooks: Sequence[Hook], trainer: "Trainer") -> Iterator[None]:
-    """`on_fit_start` on entry; `on_fit_end` on exit, however `fit` ends, for each hook started."""
-    started: list[Hook] = []
-    try:
-        for hook in hooks:
-            hook.on_fit_start(trainer)
-            started.append(hook)
-        yield
-    finally:
-        for hook in reversed(started):
-            hook.on_fit_end(trainer)

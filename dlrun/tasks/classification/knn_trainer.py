@@ -1,36 +1,46 @@
-"""k-NN: no training steps; 'fitting' memorises the normalised training images on the device."""
+"""k-NN: nothing to optimise; its one epoch memorises the normalised training images on the device."""
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from torch import Tensor
+
 from dlrun.engine.checkpoint import unwrap
+from dlrun.engine.trainer import Sums
 from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 
+class TrainingSet:
+    """k-NN's training loader: one batch, the whole training set normalised exactly as the
+    evaluation batches are, without augmentation (what the model memorises)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return 1
+
+    def iterate(self, position: Any = None) -> Iterator[dict[str, Tensor]]:
+        yield self.data.example_batch(self.data.describe()["sizes"]["train"], "train")
+
+    def position(self) -> None:  # never asked: an epoch of one batch has no middle
+        return None
+
+
 class KNNTrainer(ClassificationTrainer):
-    """Memorise, evaluate, write the run folder: the same contract as a trained classifier."""
+    """Memorise (the loop's one epoch, no optimizer step), evaluate, write the run folder: the
+    same contract, checkpoint and metrics.json as a trained classifier."""
 
-    def prepare(self, resume: bool) -> None:
-        if not resume:  # resume: memorising again is the whole "training"
-            self.check_fresh_folder()
-        self.prepared = True
+    trains_weights = False
 
-    def fit(self, resume: bool = False) -> dict[str, float]:
-        self._open_writer(resume=False)  # nothing to resume: memorising is the whole "training"
-        self._memorize()
-        self.epoch = 1
-        self._validate()
-        self._save_checkpoints()
-        self._score_test_split()
-        if self.writer is not None:
-            self.writer.close()
-        return self.write_metrics()
+    def train_loader(self) -> TrainingSet:
+        return TrainingSet(self.data)
 
-    def _memorize(self) -> None:
-        # Normalised exactly as the evaluation batches are, without augmentation.
-        batch = self.data.example_batch(self.data.describe()["sizes"]["train"], "train")
+    def step(self, batch: Mapping[str, Tensor]) -> Sums:
         unwrap(self.model).memorize(batch["image"], batch["label"])
+        return {}
 
     def evaluate(self, loader: Any, prefix: str) -> dict[str, float]:
-        if unwrap(self.model).memory.numel() == 0:
-            self._memorize()
+        if unwrap(self.model).memory.numel() == 0:  # mode=eval, or a resumed finished run
+            self.step(next(TrainingSet(self.data).iterate()))
         return super().evaluate(loader, prefix)

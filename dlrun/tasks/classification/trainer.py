@@ -13,14 +13,14 @@ from dlrun.engine import checkpoint, introspect
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.tasks.classification import class_report
+from dlrun.tasks.classification import modes as classify_modes
 from dlrun.tasks.classification.class_report import EvalAccumulator
 from dlrun.tasks.classification.losses import Objective
-from dlrun.tasks.classification.modes import ClassifyModes
 
 TTA = ("none", "flip")
 
 
-class ClassificationTrainer(ClassifyModes, Trainer):
+class ClassificationTrainer(Trainer):
     """Trains `model(image) -> logits` against integer labels."""
 
     modes = ("train", "eval", "predict", "export")
@@ -97,6 +97,35 @@ class ClassificationTrainer(ClassifyModes, Trainer):
             logits = (logits + self.net()(x.flip(3))) / 2
         return logits
 
+    # ----- modes: predict, export (modes.py) ----------------------------------------------------
+    def check_mode(
+        self, mode: str, ckpt: str | None, options: Mapping[str, Any] | None = None
+    ) -> None:
+        """Also refuse a bad export.format or a missing export package before anything is written."""
+        super().check_mode(mode, ckpt, options)
+        if mode == "export":
+            classify_modes.check_export(options or {})
+
+    def mode_predict(
+        self, state: Mapping[str, Any], options: Mapping[str, Any]
+    ) -> dict[str, float]:
+        """predict.input (a folder of images, or a split) -> <run>/predict/predictions.csv."""
+        self.model.eval()
+
+        def classify(x: Tensor) -> Tensor:  # normalised images -> logits, as evaluate sees them
+            with self.autocast():
+                return self.predict(self.layout(x))
+
+        out = self.output_dir("predict")
+        return classify_modes.predict(classify, self.data, self.device, options, out)
+
+    def mode_export(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
+        """export.format (onnx | torchscript | safetensors) -> <run>/export/model.* + its JSON."""
+        return classify_modes.export_network(
+            self.model, self.data, options, self.output_dir("export"), model_spec=self.model_spec,
+            ckpt=self.checkpoint_path, state=state, tta=self.tta,
+        )  # fmt: skip
+
     def log_start(self, writer: SummaryWriter) -> None:
         # Stored images, not a loader batch: drawing one would advance the data RNG.
         images = self.data.example_batch(32, "train", mean=[0.0], std=[1.0])["image"]
@@ -127,6 +156,4 @@ class ClassificationTrainer(ClassifyModes, Trainer):
             writer.add_image("inside/filters", filters, self.step_count)
         image = self.data.example_batch(1, "val")["image"][0]
         for name, fmap in introspect.stage_outputs(self.model, image):
-            writer.add_image(
-                f"inside/{name}", introspect.feature_grid(fmap), self.step_count
-            )
+            writer.add_image(f"inside/{name}", introspect.feature_grid(fmap), self.step_count)

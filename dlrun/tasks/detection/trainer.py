@@ -17,10 +17,11 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
 from dlrun.data.module import require
+from dlrun.engine import run_modes
 from dlrun.engine.tb import palette
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
-from dlrun.tasks.detection.anchors import kmeans_anchors
+from dlrun.models.anchors import kmeans_anchors
 from dlrun.tasks.detection.losses import DetectionObjective
 from dlrun.tasks.detection.metrics import mean_average_precision
 
@@ -166,7 +167,7 @@ class DetectionTrainer(Trainer):
         threshold = float(options.get("score", SHOW_SCORE))
         if not 0 <= threshold <= 1:
             raise UserError(f"predict.score must be in [0, 1], got {threshold}.")
-        names, raw, x = self.predict_inputs(options)
+        names, raw, x = run_modes.predict_inputs(self.data, self.device, options)
         dets = confident([{k: v.cpu() for k, v in d.items()} for d in self.detect(x)], threshold)
         out = self.output_dir("predict")
         out.mkdir(parents=True, exist_ok=True)

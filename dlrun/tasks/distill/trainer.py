@@ -55,7 +55,7 @@ class DistillTrainer(ClassificationTrainer):
         # mode=eval scores the student alone: a teacher is optional there (reported when given).
         if teacher:
             self.teacher = self._load_teacher(str(teacher))
-        elif self.config.get("mode", "train") == "train":
+        elif self.mode == "train":
             raise UserError(
                 "trainer=distill needs a teacher: pass teacher.ckpt=PATH, the checkpoint of a "
                 "dlrun classifier of this data set (e.g. <run>/checkpoints/last.pt)."
@@ -166,7 +166,7 @@ class DistillTrainer(ClassificationTrainer):
     def log_start(self, writer: SummaryWriter) -> None:
         super().log_start(writer)
         # Once, at step 0 of a fresh run; a resumed run has them back in its saved metrics.
-        self._log(self.teacher_metrics())
+        self.logger.log(self.teacher_metrics(), self.state)
 
     def mode_eval(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
         if self.teacher is not None:

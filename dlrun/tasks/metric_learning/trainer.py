@@ -24,6 +24,7 @@ from dlrun.data.folder import decode as decode_image
 from dlrun.data.module import require
 from dlrun.data.pairs import PairBatches
 from dlrun.data.transforms import Normalize
+from dlrun.engine import run_modes
 from dlrun.engine.checkpoint import unwrap
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
@@ -266,7 +267,9 @@ class MetricTrainer(Trainer):
         """embed.input (a split, or a folder of images) -> <run>/embed/: embeddings.pt, and the
         projector's two TSV files (tensors.tsv, metadata.tsv: load both at projector.tensorflow.org)."""
         spec = str(options.get("input") or "test")
-        names, raw = self.mode_inputs(options)  # a split's images, or a folder's, as uint8
+        names, raw = run_modes.mode_inputs(
+            self.data, options
+        )  # a split's images, or a folder's, as uint8
         images = Normalize(self.data.mean, self.data.std).normalize(raw)
         labels = (
             self.data.example_batch(len(names), spec)["label"].cpu() if spec in SPLITS else None

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
+from dlrun.engine import run_modes
 from dlrun.engine.tb import palette
 from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
@@ -150,7 +151,7 @@ class SegmentationTrainer(Trainer):
     ) -> dict[str, float]:
         """predict.input (a folder of images, or a split) -> <run>/predict/: one overlay PNG and
         one class-map PNG (pixel value = class, 0 background) per image, predictions.json."""
-        names, raw, x = self.predict_inputs(options)
+        names, raw, x = run_modes.predict_inputs(self.data, self.device, options)
         classes = self.predict_classes(x).cpu()
         out = self.output_dir("predict")
         out.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ class StyleTrainer(Trainer):
             features_ckpt,
             loss.layers,
             pool=pool,
-            seed=int(self.config.get("seed", 0)),
+            seed=self.seed,
             device=self.device,
         )
         self.features_hash = self.features.fingerprint()
@@ -91,7 +91,7 @@ class StyleTrainer(Trainer):
         # The image takes the content image's shape (and pixels, or seeded noise) before the
         # optimizer is built over it.
         content = self.data.example_batch()["content"].cpu()
-        self.image.start(content, torch.Generator().manual_seed(int(self.config.get("seed", 0))))
+        self.image.start(content, torch.Generator().manual_seed(self.seed))
 
     def count_flops(self) -> int:
         """The feature network's forward FLOPs on the image: one cost evaluation."""

@@ -1,0 +1,115 @@
+"""What a run reports: TensorBoard (rank 0 only), the progress bar, the scalars and the log lines."""
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from dlrun.engine import dist
+from dlrun.engine.loop_state import LoopState
+from dlrun.engine.tb import log_config, log_hparams, log_layout
+
+log = logging.getLogger("dlrun.engine.trainer")  # the loop's lines, under the loop's name
+TB_TAGS = {"epoch": "time/epoch"}  # metrics.json key -> TensorBoard tag, where they differ
+
+
+class RunLogger:
+    """The SummaryWriter of `run_dir` (None off rank 0, or before `open`), the epoch's progress
+    bar (`progress`: true, false, or null: tqdm decides by the terminal) and the log lines."""
+
+    def __init__(self, run_dir: str | Path, progress: bool | None) -> None:
+        self.run_dir, self.progress = Path(run_dir), progress
+        self.writer: SummaryWriter | None = None
+        self.pbar: Any = None
+        self.size = "?"  # the model's parameters and FLOPs, as `open` was told
+
+    def open(self, step: int, model: str, params: int, flops: int) -> SummaryWriter | None:
+        """Say what trains; the writer (rank 0): at `step`, it drops the events a killed run
+        logged after its last checkpoint (purge_step)."""
+        log.info(
+            "%s: %d trainable parameters, %s forward FLOPs per item", model, params, f"{flops:,}"
+        )
+        if not dist.is_main():  # one process writes TensorBoard
+            return None
+        old_events = any(self.run_dir.glob("events.out.tfevents.*"))
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=step if old_events else None)
+        return self.writer
+
+    def header(
+        self,
+        record: Mapping[str, Any],
+        hparams: Mapping[str, Any],
+        declared: Sequence[str],
+        monitor: str | None,
+    ) -> None:
+        """Once per fresh run: the config record as text, the HParams declaration (the monitor
+        and the task's `declared` tags), the layout, the model's size."""
+        if self.writer is None:
+            return
+        log_config(self.writer, OmegaConf.to_yaml(dict(record)))
+        tags = [monitor] if monitor else []
+        tags += [m for m in declared if m not in tags]
+        log_hparams(self.writer, dict(hparams), tags)
+        log_layout(self.writer, monitor)
+        # Text, not scalars: two constant one-point charts would open TensorBoard's view.
+        self.writer.add_text("model", self.size, 0)
+
+    def bar(self, batches: Iterable[Any], total: int, initial: int, desc: str) -> Any:
+        self.pbar = tqdm(
+            batches,
+            total=total,
+            initial=initial,
+            desc=desc,
+            disable=(not self.progress) if self.progress is not None else None,
+            leave=False,
+        )
+        return self.pbar
+
+    def window(self, means: Mapping[str, float], step: int, lr: float | None, rate: float) -> None:
+        """Every log_every_n_steps: the window's step scalars, the lr, the bar's postfix."""
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"train/{k}_step", v, step)
+            if lr is not None:
+                self.writer.add_scalar("train/lr", lr, step)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
+
+    def log(self, metrics: Mapping[str, float], state: LoopState) -> None:
+        """Scalars at `state.step`, kept in `state.metrics`; after an evaluation, one log line."""
+        if self.writer is not None:
+            for tag, value in metrics.items():  # "epoch" as time/epoch: a chart among the times
+                self.writer.add_scalar(TB_TAGS.get(tag, tag), value, state.step)
+        state.metrics.update(metrics)
+        if any(k.startswith("val/") for k in metrics):
+            shown = ", ".join(
+                f"{k}={v:.4f}"
+                for k, v in state.metrics.items()
+                if k.count("/") == 1 and "_s" not in k
+            )
+            log.info("epoch %d step %d: %s", state.epoch, state.step, shown)
+
+    def hint_short_run(self, max_steps: int, max_epochs: int) -> None:
+        """A run that evaluates once or twice draws its val/* curves as single dots: say how to
+        get a curve (evaluating mid-epoch is not the default: it adds a checkpoint each time, and
+        a GAN's FID costs minutes)."""
+        if max_epochs > 2:
+            return
+        log.info(
+            "a short run (%d steps) evaluates only at its epochs' ends (train/*_step has 10 "
+            "points): add trainer.val_every_n_steps=%d for a validation curve of 10 points",
+            max_steps,
+            max(1, max_steps // 10),
+        )
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
