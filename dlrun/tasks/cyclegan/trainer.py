@@ -112,7 +112,7 @@ class CycleGANTrainer(Trainer):
     # ----- what the base loop asks of a task ------------------------------------------------------
     @property
     def default_monitor(self) -> str | None:  # type: ignore[override]
-        if self.config.get("mode", "train") == "translate":
+        if self.mode == "translate":
             return None  # nothing is evaluated: do not load the FID network
         if self._inception() is not None:
             return f"val/{self.fid_tag}"
