@@ -1,3 +1,6 @@
-"""The loop and its parts, shared by every task: the trainer base (`trainer.Trainer`), optimisation,
-precision, checkpoints and resume, the run log and TensorBoard helpers, stop signals, the monitor,
-distributed helpers, and the hooks (`engine.hooks`) the loop calls around steps and evaluations."""
+"""The loop and its parts, shared by every task. The trainer base (`trainer.Trainer`) holds its
+parts, each given what it needs as arguments: the run folder (`run_folder`: checkpoints, resume,
+metrics.json), the logger (`run_logger`: TensorBoard, progress bar, log lines), the placement
+(`placement`), the optimisation (`optimize`) and its steps (`steps`), the evaluations
+(`evaluation`), the early ends (`stops`, `guards`), the monitor, and the hooks (`engine.hooks`);
+`loop_state` holds the small typed objects they share, `run_modes` what the modes share."""

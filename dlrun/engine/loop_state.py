@@ -1,5 +1,7 @@
-"""The loop's counters (`LoopState`) and where it is inside an epoch (`EpochProgress`): the small
-typed objects the trainer hands its parts, instead of the parts reading the trainer."""
+"""The small typed objects the trainer hands its parts, instead of the parts reading the trainer:
+the loop's counters (`LoopState`), where it is inside an epoch (`EpochProgress`), how long it
+runs (`RunLength`) and when it evaluates, logs and checkpoints (`Cadence`); and the helpers that
+give the trainer the attribute names tasks and hooks read (`state_field`, `delegated`)."""
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
