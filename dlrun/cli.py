@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,14 +17,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun.config import checks, resume
+from dlrun.config import checks, migrations, resume
 from dlrun.config.compose import CONFIG_DIR
 from dlrun.config.explain import error_line
 from dlrun.engine import dist
 from dlrun.engine.guards import Interrupted
 from dlrun.engine.hooks import Hook, builtin
+from dlrun.engine.loop import Trainer
 from dlrun.engine.tb import hparams_of
-from dlrun.engine.trainer import Trainer
 from dlrun.errors import UserError
 from dlrun.launch import cluster, process, rundir, sweep
 from dlrun.models import without_pretrained
@@ -58,6 +59,13 @@ def build(node: DictConfig | dict, what: str, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         reason = f"{type(cause).__name__}: {cause}" if cause else str(err)
+        loading = re.search(r"Error loading '([\w.]+)'", f"{err} {reason}")
+        moved = migrations.moved_target(loading.group(1)) if loading else None
+        if loading and moved != loading.group(1):  # a config of one's own, written before a move
+            raise UserError(
+                f"{loading.group(1)} has moved to {moved}: use _target_: {moved} in the {what} "
+                "config (the README's migration notes list what moved)."
+            ) from err
         raise UserError(
             f"The {what} config could not be built ({reason}). Check the {what}.* values."
         ) from err

@@ -21,7 +21,7 @@ from torch import nn
 from dlrun.data.samplers import RandomSampler, SequentialSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomHFlip
-from dlrun.engine.trainer import Trainer
+from dlrun.engine.loop import Trainer
 
 
 class NoisyImages:

@@ -18,7 +18,7 @@ from dlrun.data.samplers import RandomSampler, SequentialSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.engine import checkpoint
 from dlrun.engine.guards import Interrupted
-from dlrun.engine.trainer import Trainer
+from dlrun.engine.loop import Trainer
 from dlrun.errors import UserError
 from dlrun.tasks.classification.trainer import ClassificationTrainer
 

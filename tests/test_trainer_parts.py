@@ -12,7 +12,7 @@ from hydra.utils import get_class
 
 from dlrun.cli import CONFIG_DIR, build_trainer, run
 from dlrun.engine.hooks import Hook
-from dlrun.engine.trainer import Trainer
+from dlrun.engine.loop import Trainer
 from dlrun.tasks.classification.knn_trainer import KNNTrainer
 from dlrun.tasks.classification.trainer import ClassificationTrainer
 

@@ -15,7 +15,7 @@ from dlrun.engine.loop_state import Cadence, LoopState
 from dlrun.engine.monitor import Monitor
 from dlrun.engine.run_logger import RunLogger
 
-log = logging.getLogger("dlrun.engine.trainer")
+log = logging.getLogger("dlrun.engine.loop")
 Evaluate = Callable[[Any, str], dict[str, float]]  # the task's evaluate(loader, prefix)
 Show = Callable[[SummaryWriter, str], None]  # the task's log_evaluation(writer, prefix)
 

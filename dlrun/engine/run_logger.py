@@ -13,7 +13,7 @@ from dlrun.engine import dist
 from dlrun.engine.loop_state import LoopState
 from dlrun.engine.tb import log_config, log_hparams, log_layout
 
-log = logging.getLogger("dlrun.engine.trainer")  # the loop's lines, under the loop's name
+log = logging.getLogger("dlrun.engine.loop")  # the loop's lines, under the loop's name
 TB_TAGS = {"epoch": "time/epoch"}  # metrics.json key -> TensorBoard tag, where they differ
 
 

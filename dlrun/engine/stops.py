@@ -14,7 +14,7 @@ from dlrun.engine.run_folder import RunFolder, saved_step
 from dlrun.engine.run_logger import RunLogger
 from dlrun.errors import OutOfMemory, TrainingDiverged
 
-log = logging.getLogger("dlrun.engine.trainer")
+log = logging.getLogger("dlrun.engine.loop")
 
 
 def kept_checkpoint(path: Path, saved: int | None, intact: str = "is untouched") -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from dlrun.errors import UserError
 
 if TYPE_CHECKING:
-    from dlrun.engine.trainer import Trainer
+    from dlrun.engine.loop import Trainer
 
 Metrics = Mapping[str, float]
 

@@ -9,7 +9,7 @@ from dlrun.engine.hooks.base import Hook, Metrics
 from dlrun.errors import UserError
 
 if TYPE_CHECKING:
-    from dlrun.engine.trainer import Trainer
+    from dlrun.engine.loop import Trainer
 
 log = logging.getLogger(__name__)
 

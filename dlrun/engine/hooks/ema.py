@@ -24,7 +24,7 @@ from dlrun.engine.hooks.base import Hook, Metrics
 from dlrun.errors import UserError
 
 if TYPE_CHECKING:
-    from dlrun.engine.trainer import Trainer
+    from dlrun.engine.loop import Trainer
 
 
 def check_decay(decay: float | None) -> None:

@@ -18,9 +18,9 @@ from dlrun.engine.hooks.base import Hook
 from dlrun.errors import UserError
 
 if TYPE_CHECKING:
-    from dlrun.engine.trainer import Trainer
+    from dlrun.engine.loop import Trainer
 
-log = logging.getLogger("dlrun.engine.trainer")
+log = logging.getLogger("dlrun.engine.loop")
 WAIT, WARMUP = 1, 1  # steps skipped, then steps traced but discarded, before the N recorded
 TOP = 20  # operators in the table
 

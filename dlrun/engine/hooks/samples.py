@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from dlrun.engine.hooks.base import Hook
 
 if TYPE_CHECKING:
-    from dlrun.engine.trainer import Trainer
+    from dlrun.engine.loop import Trainer
 
 
 class SampleGrids(Hook):

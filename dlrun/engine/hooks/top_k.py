@@ -18,7 +18,7 @@ from dlrun.engine.hooks.base import Hook
 from dlrun.errors import UserError, WriteFailed
 
 if TYPE_CHECKING:
-    from dlrun.engine.trainer import Trainer
+    from dlrun.engine.loop import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 from torch import Tensor
 
 from dlrun.engine.checkpoint import unwrap
-from dlrun.engine.trainer import Sums
+from dlrun.engine.loop import Sums
 from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 

@@ -10,7 +10,7 @@ from torchvision.utils import make_grid
 
 from dlrun.config import checks
 from dlrun.engine import checkpoint, introspect
-from dlrun.engine.trainer import Sums, Trainer
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.tasks.classification import class_report
 from dlrun.tasks.classification import modes as classify_modes

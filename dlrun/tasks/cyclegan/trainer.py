@@ -20,8 +20,8 @@ from torchvision.utils import make_grid, save_image
 
 from dlrun.data.module import kind_of
 from dlrun.engine import checkpoint, introspect
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.engine.run_modes import folder_inputs
-from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.scoring import sample_quality as metrics_lib
 from dlrun.scoring.classifiers import load_classifier

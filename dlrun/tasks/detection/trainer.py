@@ -18,8 +18,8 @@ from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
 from dlrun.data.module import require
 from dlrun.engine import run_modes
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.engine.tb import palette
-from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.models.anchors import kmeans_anchors
 from dlrun.tasks.detection.losses import DetectionObjective

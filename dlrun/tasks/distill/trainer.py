@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from dlrun.data.module import offered
-from dlrun.engine.trainer import Sums
+from dlrun.engine.loop import Sums
 from dlrun.errors import UserError
 from dlrun.scoring.classifiers import load_classifier_net
 from dlrun.tasks.classification.trainer import ClassificationTrainer

@@ -13,7 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from dlrun.engine import checkpoint, introspect
 from dlrun.engine.hooks.samples import SampleGrids
-from dlrun.engine.trainer import Sums, Trainer
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.scoring import sample_quality as metrics_lib
 from dlrun.scoring.classifiers import load_classifier

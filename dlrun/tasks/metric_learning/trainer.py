@@ -26,7 +26,7 @@ from dlrun.data.pairs import PairBatches
 from dlrun.data.transforms import Normalize
 from dlrun.engine import run_modes
 from dlrun.engine.checkpoint import unwrap
-from dlrun.engine.trainer import Sums, Trainer
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.models.siamese import Siamese
 from dlrun.tasks.metric_learning import verification

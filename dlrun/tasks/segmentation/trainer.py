@@ -16,8 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
 from dlrun.engine import run_modes
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.engine.tb import palette
-from dlrun.engine.trainer import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.tasks.segmentation.losses import SegObjective
 

@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 
 from dlrun.engine import introspect
 from dlrun.engine.checkpoint import unwrap
-from dlrun.engine.trainer import Sums, Trainer
+from dlrun.engine.loop import Sums, Trainer
 from dlrun.errors import UserError
 from dlrun.models.style import StyleImage
 from dlrun.tasks.style.features import build_features
