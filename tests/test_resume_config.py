@@ -211,3 +211,50 @@ def test_a_changed_default_is_no_difference_even_when_the_command_names_the_grou
     assert finished_config(run)["data"]["eval_batch_size"] == 50
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert saved.data.eval_batch_size == 50  # and the next resume reads it again
+
+
+A15 = Path(__file__).parent / "data" / "run_a15ad21"
+
+
+def test_a_run_of_a15ad21_with_a_weight_average_continues_through_the_hooks_and_evaluates(
+    tmp_path: Path, data_root: Path, capsys, monkeypatch
+) -> None:
+    """The main before the task packages (old `_target_`s, the average at the top level of the
+    checkpoint, no "hooks" key): resumed by today's code, it ends as its uninterrupted run did,
+    and `eval.weights=ema` scores the average it saved."""
+    monkeypatch.setenv("DLRUN_DATA", str(data_root))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    threads = torch.get_num_threads()
+    run = tmp_path / "run"
+    shutil.copytree(A15, run)
+    try:
+        code, out, err = dlrun(
+            "resume=true", f"hydra.run.dir={run}", capsys=capsys, monkeypatch=monkeypatch
+        )
+        assert code == 0, err
+        assert f"resumed from {run}/checkpoints/last.pt at step 14 (epoch 2, batch 5 of 9)" in out
+        done = json.loads((run / "metrics.json").read_text())
+        uninterrupted = json.loads((A15 / "uninterrupted_metrics.json").read_text())
+        assert "val/acc_ema" in done and done["step"] == 27
+        assert stable(done) == stable(uninterrupted)  # the average's scores too, bit for bit
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert state["hooks"]["ema"]["updates"] == 27  # 14 carried over from the old key
+        scored = {}  # test/loss of the average, of the weights, and of the average saved as weights
+        swapped = tmp_path / "swapped.pt"
+        torch.save({**state, "model": state["ema"]}, swapped)
+        for name, ckpt, weights in (
+            ("ema", run / "checkpoints" / "last.pt", "ema"),
+            ("model", run / "checkpoints" / "last.pt", "model"),
+            ("swapped", swapped, "model"),
+        ):
+            code, out, err = dlrun(
+                "mode=eval", f"eval.weights={weights}", f"ckpt={ckpt}",
+                f"hydra.run.dir={tmp_path / name}", capsys=capsys, monkeypatch=monkeypatch,
+            )  # fmt: skip
+            assert code == 0, err
+            scored[name] = json.loads((tmp_path / name / "metrics.json").read_text())["test/loss"]
+        assert scored["ema"] == scored["swapped"] != scored["model"], scored
+    finally:
+        torch.set_num_threads(threads)
+        GlobalHydra.instance().clear()
