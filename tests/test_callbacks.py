@@ -2,7 +2,10 @@
 resume; the example of docs/hooks.md as written; checkpoints written before hooks still resume."""
 
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +211,45 @@ def test_no_hook_is_built_for_a_setting_that_is_off(make_cfg, tmp_path: Path) ->
 
     trainer = build_trainer(make_cfg(*LINEAR, "trainer.max_steps=1"), tmp_path)
     assert trainer.hooks == []  # the loop's per-step hook calls are skipped (`hooked`)
+
+
+@pytest.mark.slow
+def test_a_stateful_callback_of_a_killed_dlrun_process_resumes_bit_for_bit(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """The same hook through the real command: the process kills itself (SIGKILL) in the middle
+    of its fourth checkpoint write (tests/killer.py), `dlrun resume=true` continues it, and the
+    weights, the metrics and the hook's own state end as the uninterrupted process's did."""
+    user = tmp_path / "user"
+    (user / "configs" / "callbacks").mkdir(parents=True)
+    (user / "tally_hooks.py").write_text(TALLY)
+    (user / "configs" / "callbacks" / "tally.yaml").write_text(
+        "tally:\n  _target_: tally_hooks.Tally\n  scale: 1000.0\n"
+    )
+    args = (*LINEAR, "trainer.max_epochs=2", "trainer.val_every_n_steps=3",
+            "trainer.checkpoint_every_n_steps=1", "callbacks=tally", "trainer.num_threads=1",
+            f"hydra.searchpath=[file://{user / 'configs'}]")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(user), DLRUN_DATA=str(data_root), HYDRA_FULL_ERROR="0")
+
+    def command(*argv: str, kill_at_save: int = 0) -> subprocess.CompletedProcess:
+        head = [str(Path(__file__).with_name("killer.py"))] if kill_at_save else ["-m", "dlrun"]
+        return subprocess.run(
+            [sys.executable, *head, *argv], cwd=tmp_path, capture_output=True, text=True,
+            env=env | {"DLRUN_KILL_AT_SAVE": str(kill_at_save)}, timeout=300,
+        )  # fmt: skip
+
+    done = command(*args, "data.val_split=0", f"hydra.run.dir={tmp_path / 'whole'}")
+    assert done.returncode == 0, done.stderr
+    killed = command(*args, "data.val_split=0", f"hydra.run.dir={tmp_path / 'split'}", kill_at_save=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # killed in the middle of a write
+    saved = checkpoint.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert saved["step"] == 3 and saved["hooks"]["tally"]["after"] == 3  # the last whole write
+    resumed = command("resume=true", f"hydra.run.dir={tmp_path / 'split'}")
+    assert resumed.returncode == 0, resumed.stderr
+    a = checkpoint.load(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert same(a["model"], b["model"]) and same(a["hooks"], b["hooks"])
+    whole, split = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("whole", "split"))
+    assert stable(whole) == stable(split) and whole["val/tally"] == 8 * 1000.0 + 4
+    tally = [(tmp_path / r / "tally.json").read_text() for r in ("whole", "split")]
+    assert tally[0] == tally[1]  # what on_fit_end wrote from the hook's state

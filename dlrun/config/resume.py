@@ -52,6 +52,17 @@ def _saved_choices(run_dir: Path) -> dict[str, str | None]:
     }
 
 
+def _saved_searchpath(run_dir: Path) -> list[str]:
+    """The run's `hydra.searchpath=[...]` override, if it had one: the config folders of one's own
+    (a task, a callback) its groups came from, which composing it again needs too."""
+    try:
+        saved = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text()) or {}
+        hydra_overrides = saved["hydra"]["overrides"]["hydra"] or []
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    return [str(o) for o in hydra_overrides if _key(str(o)) == "hydra.searchpath"]
+
+
 def _migrated_override(override: str) -> str:
     """A saved override under today's key and dotted path; `+key=` as `++key=`: a key the run had to
     add may be one that dlrun has since added itself."""
@@ -82,7 +93,7 @@ def command_with_run(args: Sequence[str]) -> list[str]:
     except (OSError, yaml.YAMLError):
         saved = []
     run = [f"{g}={c}" for g, c in _saved_choices(run_dir).items() if c is not None]
-    run += [_migrated_override(str(o)) for o in saved]
+    run += [_migrated_override(str(o)) for o in saved] + _saved_searchpath(run_dir)
     first: dict[str, str] = {}
     for override in run:  # one per key: the last (overrides.yaml after the choices; they agree)
         first.pop(_key(override), None)
