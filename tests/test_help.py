@@ -110,6 +110,7 @@ def test_help_imports_no_torch_and_takes_well_under_two_seconds(tmp_path: Path) 
         (["model=resnet19"], "Could not find 'model/resnet19'. Did you mean model=resnet18? "),
         (["optim.lrr=0.1"], "Could not override 'optim.lrr'. Did you mean optim.lr=0.1? "),
         (["modle=lenet"], "Could not override 'modle'. Did you mean model=lenet? "),
+        (["lr=0.1"], "Could not override 'lr'. Did you mean optim.lr=0.1? "),  # not +lr=0.1
         (
             ["model=resnet19", "--help"],
             "Did you mean model=resnet18? Available options in 'model':",
@@ -123,6 +124,7 @@ def test_a_mistyped_name_is_one_line_naming_the_closest(
     assert res.returncode == 2
     assert res.stderr.startswith("dlrun: error: ") and res.stderr.count("\n") == 1, res.stderr
     assert meant in res.stderr and "Traceback" not in res.stderr
+    assert "To append to your config use" not in res.stderr  # a fix that would do nothing
     assert not (tmp_path / "outputs").exists()
 
 

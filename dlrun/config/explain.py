@@ -27,7 +27,9 @@ def error_line(err: BaseException, args: Sequence[str]) -> str:
         first = UNKNOWN_OPTION.search(message) or UNKNOWN_KEY.search(message)
         end = first.end() if first else len(message)
         head = message[:end].rstrip(".")
-        message = f"{head}. Did you mean {hint}? {message[end:].lstrip()}".rstrip()
+        # Hydra's "To append to your config use +lr=0.1" would add a key nothing reads.
+        rest = re.sub(r"\s*To append to your config use \+\S+", "", message[end:]).lstrip()
+        message = f"{head}. Did you mean {hint}? {rest}".rstrip()
     return f"dlrun: error: {message}{detail}"
 
 
@@ -66,10 +68,29 @@ def did_you_mean(message: str, args: Sequence[str]) -> str | None:
     fixed = None
     if "." not in key and value is not None:  # modle=lenet: the group that has that option
         fixed = next(iter(closest(key, [g for g in groups if value in groups[g]])), None)
-    fixed = fixed or closest_key(key, cfg)
+    fixed = fixed or closest_key(key, cfg) or nested_key(key, cfg)
     if fixed is None:
         return None
     return fixed if value is None else f"{fixed}={value}"
+
+
+def nested_key(key: str, cfg: Mapping[str, Any]) -> str | None:
+    """A key given at the top level that lives one or more nodes down (`lr` -> `optim.lr`): the
+    shortest dotted key whose last part is `key`; None when none is."""
+    found: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for name, value in node.items():
+            dotted = f"{prefix}{name}"
+            if str(name) == key and prefix:
+                found.append(dotted)
+            if isinstance(value, Mapping):
+                walk(value, dotted + ".")
+
+    if "." in key:
+        return None
+    walk(cfg, "")
+    return min(found, key=lambda k: (k.count("."), k)) if found else None
 
 
 def closest(word: str, names: Sequence[str]) -> list[str]:
