@@ -216,6 +216,13 @@ def _run_mode(
         for k, v in metrics.items()
         if k.startswith(("val/", "test/")) and k.count("/") == 1
     ]
+    if not shown and cfg.mode == "train":  # a GAN without FID: its final losses, not a bare "done"
+        shown = [
+            f"{k}={v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("train/") and k.count("/") == 1
+            and k not in ("train/lr", "train/images_per_s", "train/skipped_steps")
+        ]
     if shown:  # output modes (sample, translate, embed, verify) have said what they wrote
         log.info("done: %s", ", ".join(shown))
     else:

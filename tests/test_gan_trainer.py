@@ -1,6 +1,7 @@
 """The GAN trainer: every model x loss trains a few steps, resume is exact, sample mode, errors."""
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -245,7 +246,7 @@ def test_sample_n_must_be_positive(make_cfg, classifier: Path, tmp_path: Path) -
 
 
 def test_auto_features_without_any_network_warn_once_and_skip(
-    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     tries = []
 
@@ -259,9 +260,14 @@ def test_auto_features_without_any_network_warn_once_and_skip(
     monkeypatch.setattr("dlrun.scoring.sample_quality.TFInceptionFeatures", offline)
     monkeypatch.setattr("dlrun.scoring.sample_quality.InceptionFeatures", torchvision)
     cfg = make_cfg(*QUICK, "model=gan", "trainer.max_epochs=3")
+    caplog.set_level(logging.INFO, logger="dlrun")
     metrics = run(cfg, tmp_path)
     assert len(tries) == 1 and not any("fid" in k for k in metrics)
     assert not (tmp_path / "checkpoints" / "best.pt").exists()  # nothing to select on
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done")]
+    # No val/* to show: the run's last line has its final losses, not a bare "done".
+    assert done and f"train/loss_d={metrics['train/loss_d']:.4f}" in done[-1], done
+    assert "train/lr" not in done[-1]
 
 
 # A tiny GAN, 2 steps, FID / KID on 4 images each side (KID needs 2): the feature network is slow.
