@@ -64,7 +64,7 @@ def build(node: DictConfig | dict, what: str, **kwargs: Any) -> Any:
         if loading and moved != loading.group(1):  # a config of one's own, written before a move
             raise UserError(
                 f"{loading.group(1)} has moved to {moved}: use _target_: {moved} in the {what} "
-                "config (the README's migration notes list what moved)."
+                "config (docs/migration.md lists what moved)."
             ) from err
         raise UserError(
             f"The {what} config could not be built ({reason}). Check the {what}.* values."

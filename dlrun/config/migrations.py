@@ -62,7 +62,7 @@ def renamed_key(args: Sequence[str]) -> str | None:
         if key in RENAMED:
             return (
                 f"{key} was renamed to {RENAMED[key]}: use {RENAMED[key]}="
-                f"{arg.split('=', 1)[1] if '=' in arg else 'VALUE'} (see the README's migration notes)."
+                f"{arg.split('=', 1)[1] if '=' in arg else 'VALUE'} (docs/migration.md lists what moved)."
             )
     return None
 
