@@ -141,7 +141,7 @@ def test_the_example_of_docs_hooks_md_runs_as_written(
         (user_folder / name).parent.mkdir(parents=True, exist_ok=True)
         (user_folder / name).write_text(body)
     shown = re.search(r"dlrun (hydra\.searchpath=\S+) (callbacks=\S+)\n", DOCS.read_text())
-    assert shown is not None
+    assert shown and shown.groups() == ("hydra.searchpath=[file://$PWD/my_configs]", "callbacks=best")
     searchpath = shown.group(1).replace("$PWD", str(user_folder))
     args = (*LINEAR, "trainer.max_epochs=2", "trainer.val_every_n_steps=2", searchpath,
             shown.group(2))  # fmt: skip
