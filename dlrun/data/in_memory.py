@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dlrun.data.labelled import LabelledImages
 from dlrun.data.module import DeviceGenerators
-from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
+from dlrun.data.samplers import Sampler, SequentialSampler
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import RandomCrop, RandomHFlip, Transform
 from dlrun.engine import dist
@@ -186,18 +186,7 @@ class ClassificationData(LabelledImages, DeviceGenerators):
         std: float | Sequence[float] | None = None,
         crop: bool = True,
     ) -> TensorLoader:
-        n, world = len(self.train_x), self.world_size
-        if self.batch_size < world:
-            raise UserError(
-                f"data.batch_size={self.batch_size} is the global batch and must be at least the "
-                f"number of processes ({world}), so that every process gets an image."
-            )
-        # A last global batch smaller than the number of processes would leave some empty: drop it.
-        sampler: Sampler = RandomSampler(
-            n, self.batch_size, drop_last=0 < n % self.batch_size < world
-        )
-        if world > 1:  # every rank draws the same global batch and keeps its slice
-            sampler = ShardedSampler(sampler, self.rank, world)
+        sampler = self.train_sampler(len(self.train_x))
         transforms: list[Transform] = []
         if crop and self.crop_padding:
             transforms.append(RandomCrop(padding=self.crop_padding))

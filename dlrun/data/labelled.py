@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dlrun.data.augment import Augmentation
+from dlrun.data.samplers import RandomSampler, Sampler, ShardedSampler
 from dlrun.data.transforms import Normalize
 from dlrun.errors import UserError
 
@@ -103,3 +104,16 @@ class LabelledImages:
     ) -> Normalize:
         """The data's normalisation; mean / std (a scalar: every channel) override it."""
         return Normalize(self.mean if mean is None else mean, self.std if std is None else std)
+
+    def train_sampler(self, n: int) -> Sampler:
+        """The training order of n items: one global batch of data.batch_size drawn alike on
+        every rank, each rank keeping its slice (in memory and streamed alike)."""
+        world = self.world_size
+        if self.batch_size < world:
+            raise UserError(
+                f"data.batch_size={self.batch_size} is the global batch and must be at least the "
+                f"number of processes ({world}), so that every process gets an image."
+            )
+        # A last global batch smaller than the number of processes would leave some empty: drop it.
+        sampler: Sampler = RandomSampler(n, self.batch_size, drop_last=0 < n % self.batch_size < world)
+        return ShardedSampler(sampler, self.rank, world) if world > 1 else sampler

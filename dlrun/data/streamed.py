@@ -21,11 +21,10 @@ from dlrun.data.folder import list_images
 from dlrun.data.in_memory import held_out, missing_data
 from dlrun.data.labelled import LabelledImages
 from dlrun.data.module import DeviceGenerators
-from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
+from dlrun.data.samplers import Sampler, SequentialSampler
 from dlrun.data.transforms import Normalize
 from dlrun.data.worker_loader import ImageItems, StreamLoader, collate, refuse_bad
 from dlrun.engine import dist
-from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +158,7 @@ class StreamingClassificationData(LabelledImages, DeviceGenerators):
         """Built once per (mean, std, crop): the trainer asks every epoch, the workers persist."""
         key = f"train|{mean}|{std}|{crop}"
         if key not in self._loaders:
-            n, world = len(self.files["train"]), self.world_size
-            if self.batch_size < world:
-                raise UserError(
-                    f"data.batch_size={self.batch_size} is the global batch and must be at least "
-                    f"the number of processes ({world}), so that every process gets an image."
-                )
-            sampler: Sampler = RandomSampler(
-                n, self.batch_size, drop_last=0 < n % self.batch_size < world
-            )
-            if world > 1:
-                sampler = ShardedSampler(sampler, self.rank, world)
+            sampler = self.train_sampler(len(self.files["train"]))
             normalize = self.normalize(mean, std)
             gens = self._generators or {}
             self._loaders[key] = self._make("train", sampler, self._augment(crop), normalize, gens)
