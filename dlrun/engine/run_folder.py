@@ -3,7 +3,6 @@ which only this part stores (in every checkpoint) and compares (what resume=true
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,35 @@ NEUTRAL = {
     "data.cutmix": 0.0, "data.mix_switch_prob": 0.5, "data.randaugment.num_ops": 0,
     "data.randaugment.magnitude": 9, "data.trivialaugment": False, "data.random_erasing": 0.0,
 }  # fmt: skip
+# What best.pt (and trainer.save_top_k's files) keep of a checkpoint: what its readers use. The
+# modes (eval, predict, export, sample, translate, embed, verify: "model", "ema" for
+# eval.weights=ema, "task" for a verification threshold, "config", "epoch"/"step"/"train_time"),
+# dlrun.load, ckpt= fine-tuning and the scoring readers (teacher.ckpt, metrics.fid.ckpt,
+# metrics.domain.ckpt, style.features_ckpt: "model", "config"). The resume state (optimizers,
+# schedules, scaler, RNG states, mid-epoch progress, hook states) is last.pt's alone.
+EVAL_KEYS = ("format", "model", "ema", "config", "task", "epoch", "step", "train_time",
+             "metrics", "monitor")  # fmt: skip
+
+
+def eval_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's EVAL_KEYS, marked `"resumable": False` (resume=true refuses it by name)."""
+    return {k: state[k] for k in EVAL_KEYS if k in state} | {"resumable": False}
+
+
+def save_for_eval(path: Path, state: Mapping[str, Any], last: Path) -> None:
+    """`eval_state(state)` at `path`, atomically (checkpoint.save); a failed write says that the
+    previous file at `path` and `last` are intact."""
+    existed = path.is_file()
+    try:
+        checkpoint.save(path, eval_state(state))
+    except WriteFailed as err:
+        cause = err.__cause__
+        reason = (getattr(cause, "strerror", None) or cause) if cause else err
+        kept = f"the previous {path.name} is intact and " if existed else ""
+        raise WriteFailed(
+            f"Could not write {path} ({reason}); {kept}{last} is up to date. Free disk space or "
+            "make the run folder writable, then continue with resume=true."
+        ) from cause or err
 
 
 class RunFolder:
@@ -110,6 +138,12 @@ class RunFolder:
                 "or drop resume=true to start a new run."
             )
         state = checkpoint.load(path)
+        if state.get("resumable") is False:  # best.pt or a top-k file put in last.pt's place
+            raise UserError(
+                f"resume=true: {path} holds weights for evaluation (what best.pt keeps), not the "
+                "optimizer, schedule and data-order state a resumed run needs. Evaluate it with "
+                f"mode=eval ckpt={path}, or start a new run from its weights with ckpt={path}."
+            )
         if state.get("format", 1) < FORMAT:
             raise UserError(
                 f"resume=true: {path} was written by an earlier dlrun (checkpoint format "
@@ -196,22 +230,13 @@ class RunFolder:
         checkpoint.save(self.last_path, dict(state))
         after(self.last_path)
         if best:
-            self.copy_best()
+            self.save_best(state)
 
-    def copy_best(self) -> None:
-        """best.pt: a copy of last.pt (after an evaluation that improved the monitor)."""
-        best = self.last_path.with_name("best.pt")
-        tmp = best.with_name(".best.tmp")
-        try:
-            shutil.copyfile(self.last_path, tmp)
-            tmp.replace(best)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise WriteFailed(
-                f"Could not write {best} ({err.strerror or err}); the previous best.pt is "
-                f"intact and {self.last_path} is up to date. Free disk space or make the run "
-                "folder writable, then continue with resume=true."
-            ) from err
+    def save_best(self, state: Mapping[str, Any]) -> None:
+        """best.pt (after an evaluation that improved the monitor): what evaluation, the output
+        modes and fine-tuning read of `state` (eval_state), not its resume state. A best.pt of an
+        older dlrun, a full copy of last.pt, still serves every reader alike."""
+        save_for_eval(self.last_path.with_name("best.pt"), state, self.last_path)
 
     def write_metrics(
         self, metrics: Mapping[str, float], params: int, flops: int, state: LoopState

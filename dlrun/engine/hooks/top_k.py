@@ -1,21 +1,23 @@
 """trainer.save_top_k=K: keep the K best checkpoints by trainer.monitor, besides last.pt.
 
-Each kept file is a copy of last.pt written right after the evaluation that scored it, named
-`checkpoints/top/step=<step>-<monitor>=<value>.pt` (Lightning's habit: the name says what it
-holds). Which files are kept is part of the run's state (saved in last.pt), so a resumed run
-keeps managing the same set, and finishes the copy a kill interrupted.
+Each kept file holds what best.pt holds (run_folder.eval_state: the weights and what evaluation,
+the output modes and ckpt= fine-tuning read, not the resume state) of the checkpoint written right
+after the evaluation that scored it, named `checkpoints/top/step=<step>-<monitor>=<value>.pt`
+(Lightning's habit: the name says what it holds). Which files are kept is part of the run's state
+(saved in last.pt), so a resumed run keeps managing the same set, and finishes the write a kill
+interrupted.
 """
 
 import logging
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dlrun.engine import dist
+from dlrun.engine import checkpoint, dist
 from dlrun.engine.hooks.base import Hook
-from dlrun.errors import UserError, WriteFailed
+from dlrun.engine.run_folder import save_for_eval
+from dlrun.errors import UserError
 
 if TYPE_CHECKING:
     from dlrun.engine.loop import Trainer
@@ -41,7 +43,7 @@ def check_monitor(monitor: str | None) -> None:
 
 class TopK(Hook):
     """The K best (score, step, file) so far, best first: before each checkpoint, an evaluation
-    at its step may enter them; after it, last.pt is copied in and what fell out removed."""
+    at its step may enter them; after it, last.pt's eval part is written and what fell out removed."""
 
     state_key = "top_k"
 
@@ -86,20 +88,12 @@ class TopK(Hook):
             self.pending.append(entry["file"])
 
     def commit(self, last: Path) -> None:
-        """After last.pt is saved: copy it to the new top-k file(s), delete the evicted ones."""
+        """After last.pt is saved: its eval part (as best.pt) into the new top-k file(s), each
+        written atomically; then the evicted ones deleted."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        state = checkpoint.load(last) if self.pending else {}
         for name in self.pending:
-            target = self.folder / name
-            tmp = target.with_name(f".{name}.tmp")
-            try:
-                shutil.copyfile(last, tmp)
-                tmp.replace(target)
-            except OSError as err:
-                tmp.unlink(missing_ok=True)
-                raise WriteFailed(
-                    f"Could not write {target} ({err.strerror or err}); {last} is up to date. "
-                    "Free disk space or make the run folder writable, then resume=true."
-                ) from err
+            save_for_eval(self.folder / name, state, last)
         for name in self.evicted:
             (self.folder / name).unlink(missing_ok=True)
         self.pending, self.evicted = [], []
@@ -111,8 +105,9 @@ class TopK(Hook):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """On resume, from last.pt (at `state["step"]`). A kill between writing last.pt and
-        copying it leaves that step's file unwritten and the evicted ones in place: last.pt is
-        that very checkpoint, so it is copied now, and files outside the set are removed."""
+        writing its file leaves that file unwritten and the evicted ones in place: last.pt is
+        that very checkpoint, so the file is written from it now, and files outside the set are
+        removed."""
         if not state:
             return
         step, last = int(state["step"]), self.last
