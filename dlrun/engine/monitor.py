@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dlrun.errors import UserError
+from dlrun.launch import sweep
 
 log = logging.getLogger(__name__)
 MODES = ("max", "min")
@@ -59,18 +60,18 @@ class Monitor:
         if self.name is None or self.name not in metrics:
             return
         if val_is_test and not self.warned:
-            self.warned = True
-            log.warning(
-                "%s is measured on the test split (%s): best.pt%s select on the "
-                "test set, which makes its score optimistic. Set %s "
-                "to select on images held out of training.",
-                self.name,
-                holdout[0],
-                ", early stopping and a sweep's objective"
-                if self.early_stopping
-                else " and a sweep's objective",
-                holdout[1],
+            self.warned = True  # once per run (kept in the checkpoint), and once per sweep:
+            what = " and a sweep's objective"
+            what = f", early stopping{what}" if self.early_stopping else what
+            text = (
+                f"{self.name} is measured on the test split ({holdout[0]}): best.pt{what} select "
+                "on the test set, which makes its score optimistic. Set "
+                f"{holdout[1]} to select on images held out of training."
             )
+            if sweep.first_in_sweep(text):
+                log.warning(text)
+            else:  # another job of this sweep gave the warning
+                log.info("%s is measured on the test split (warned once for the sweep)", self.name)
         score = metrics[self.name]
         if self.better(score, self.best):
             self.best, self.improved = score, True

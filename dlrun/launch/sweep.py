@@ -1,6 +1,7 @@
 """Sweeps that survive a bad trial: a failed job is recorded in its folder, the sweep goes on."""
 
 import csv
+import hashlib
 import json
 import logging
 import sys
@@ -14,6 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from dlrun.engine import dist
 from dlrun.errors import UserError
 
 log = logging.getLogger("dlrun")
@@ -24,6 +26,29 @@ SHOWN = ("val/", "test/")  # the metrics a summary lists, besides step and train
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def first_in_sweep(message: str) -> bool:
+    """Whether this job gives `message` (a warning): outside a sweep always; in one (`dlrun -m`),
+    only the first job to ask, on its main process. The record is a file in the sweep folder
+    (hydra.sweep.dir), `.warned-<hash of message>`, created exclusively (O_EXCL): that holds for
+    jobs in one process (Hydra's basic launcher) and in many (joblib, submitit's jobs on a shared
+    file system) alike, where a flag in memory would not; it also holds the message."""
+    if not in_multirun():
+        return True
+    if not dist.is_main():  # torchrun: rank 0's log is the job's
+        return False
+    digest = hashlib.sha1(message.encode()).hexdigest()[:12]
+    marker = Path(HydraConfig.get().sweep.dir) / f".warned-{digest}"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with marker.open("x") as f:
+            f.write(message + "\n")
+    except FileExistsError:
+        return False
+    except OSError:  # no record possible: warn rather than stay silent
+        return True
+    return True
 
 
 def record_failure(run_dir: Path, err: UserError) -> None:
