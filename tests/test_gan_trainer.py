@@ -375,3 +375,18 @@ def test_the_generator_runs_once_per_training_step(
     assert metrics["step"] == steps
     assert calls["train"] == steps
     assert calls["eval"] >= steps // 2  # the hook did see the sample grids: it counts every call
+
+
+def test_a_gan_without_fid_gets_no_validation_curve_hint(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The short-run hint is about val/* curves, which a GAN without a feature network never logs
+    (a classifier's short run still gets it: tests/test_tensorboard.py)."""
+
+    def offline(*_args: object, **_kwargs: object) -> None:
+        raise UserError("no Inception weights here")
+
+    monkeypatch.setattr("dlrun.scoring.sample_quality.TFInceptionFeatures", offline)
+    caplog.set_level(logging.INFO, logger="dlrun")
+    run(make_cfg(*TINY_FID), tmp_path)
+    assert "no FID/KID for this run" in caplog.text and "validation curve" not in caplog.text

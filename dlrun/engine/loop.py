@@ -384,9 +384,11 @@ class Trainer:
         """TensorBoard; a fresh run's header (run_logger.py) and the task's first images."""
         net = checkpoint.unwrap(self.model)
         writer = self.logger.open(self.step_count, type(net).__name__, self.params, self.flops)
+        declared: list[str] = []  # the hint wants a val/* curve: a GAN without FID logs none
         if writer is not None and not self.resumed:
             declared = self.logged_metrics()  # first: a task may settle its metric networks here
             self.logger.header(self.folder.record, self.hparams, declared, self.monitor.name)
             self.log_start(writer)
-        if self.trains_weights and not (self.resumed or self.cadence.val_every_steps):
+        curves = any(t.startswith("val/") for t in [*declared, self.monitor.name or ""])
+        if self.trains_weights and curves and not (self.resumed or self.cadence.val_every_steps):
             self.logger.hint_short_run(self.max_steps, self.max_epochs)
