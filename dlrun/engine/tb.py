@@ -1,17 +1,78 @@
-"""TensorBoard helpers: the resolved config as text, the hparams summary, class colours for drawings."""
+"""TensorBoard helpers: the writer that leads with the curves, the resolved config as text, the
+hparams summary, class colours for drawings."""
 
 import colorsys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 HParam = int | float | str | bool
+LAYOUT_TAG = "custom_scalars__config__"  # where add_custom_scalars stores the layout
+
+
+def headline_tags(monitor: str | None) -> dict[str, str]:
+    """The scalars copied to the leading groups: the loss and the monitor's name (acc, miou,
+    fid_classifier, ...), each with its per-step training curve and its validation points.
+
+    TensorBoard's Time Series and Scalars tabs group tags by the part before the first '/', sort
+    the groups by name ('/' and digits before letters) and open the first two: `1_loss` and
+    `2_<monitor>` sort before every other group (inside, test, time, train, val), so those two
+    open on the four curves. The full record keeps the metrics.json names (train/*, val/*)."""
+    names = ["loss"]
+    name = (monitor or "").split("/", 1)[-1]
+    if name and name not in names:
+        names.append(name)
+    out: dict[str, str] = {}
+    for i, name in enumerate(names, 1):
+        out[f"train/{name}_step"] = f"{i}_{name}/train"  # every log_every_n_steps
+        out[f"val/{name}"] = f"{i}_{name}/val"
+    return out
+
+
+class Writer(SummaryWriter):
+    """A SummaryWriter that also writes the headline scalars (`headline_tags`) under their
+    leading names; `log_layout` names them in a fresh run, a resumed run reads them back from
+    the layout its first event file holds."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        super().__init__(log_dir, purge_step=purge_step)
+        self.headline: dict[str, str] = _stored_headline(Path(log_dir))
+
+    def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None,
+                   *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        super().add_scalar(tag, scalar_value, global_step, *args, **kwargs)
+        if tag in self.headline:
+            super().add_scalar(self.headline[tag], scalar_value, global_step, *args, **kwargs)
+
+
+def _stored_headline(run_dir: Path) -> dict[str, str]:
+    """A resumed run's headline, from the Custom Scalars layout its first event file holds (the
+    monitor's chart has ^val/<name>$); {} in a fresh folder."""
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    if not files:
+        return {}
+    for event in EventFileLoader(str(files[0])).Load():
+        for value in event.summary.value:
+            if value.tag == LAYOUT_TAG:
+                layout = layout_pb2.Layout.FromString(value.tensor.string_val[0])
+                names = [
+                    tag[len("^val/") : -1]
+                    for category in layout.category for chart in category.chart
+                    for tag in chart.multiline.tag if tag.startswith("^val/")
+                ]  # fmt: skip
+                return headline_tags("val/" + next((n for n in names if n != "loss"), "loss"))
+        if event.step > 0:  # the header is written at step 0, before any training
+            break
+    return {}
 
 
 def log_config(writer: SummaryWriter, yaml_text: str) -> None:
@@ -21,7 +82,8 @@ def log_config(writer: SummaryWriter, yaml_text: str) -> None:
 
 def log_layout(writer: SummaryWriter, monitor: str | None) -> None:
     """The Custom Scalars tab: loss, and the monitor (accuracy for classifiers), each with its
-    train and val curves on one chart, the first things to look at."""
+    train and val curves on one chart, the first things to look at; and the Writer's headline
+    copies of those curves (`headline_tags`), the first cards of Time Series and Scalars."""
     # train/<m>_step: the per-step values (every log_every_n_steps), a curve even in a short run
     charts = {"loss (train, val)": ["Multiline", [r"^train/loss(_step)?$", r"^val/loss$"]]}
     name = (monitor or "").split("/", 1)[-1]
@@ -30,7 +92,9 @@ def log_layout(writer: SummaryWriter, monitor: str | None) -> None:
             "Multiline",
             [rf"^train/{name}(_step)?$", rf"^val/{name}$"],
         ]
-    writer.add_custom_scalars({"curves": charts})
+    if isinstance(writer, Writer):
+        writer.headline = headline_tags(monitor)
+    writer.add_custom_scalars({"curves": charts})  # a resumed Writer reads its headline here
 
 
 def log_hparams(
