@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dlrun.engine import dist
 from dlrun.engine.loop_state import LoopState
-from dlrun.engine.tb import log_config, log_hparams, log_layout
+from dlrun.engine.tb import Writer, log_config, log_hparams, log_layout
 
 log = logging.getLogger("dlrun.engine.loop")  # the loop's lines, under the loop's name
 TB_TAGS = {"epoch": "time/epoch"}  # metrics.json key -> TensorBoard tag, where they differ
@@ -36,7 +36,8 @@ class RunLogger:
         if not dist.is_main():  # one process writes TensorBoard
             return None
         old_events = any(self.run_dir.glob("events.out.tfevents.*"))
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=step if old_events else None)
+        # Writer: also writes the loss and the monitor under the groups TensorBoard opens first
+        self.writer = Writer(str(self.run_dir), purge_step=step if old_events else None)
         return self.writer
 
     def header(
