@@ -24,6 +24,8 @@ def test_best_pt_is_slim_and_evaluates_as_the_full_checkpoint(make_cfg, tmp_path
     assert best["step"] == last["step"]
     assert not set(RESUME_ONLY) & set(best) and set(RESUME_ONLY) <= set(last)
     assert {"model", "ema", "config", "task", "epoch", "step", "metrics", "monitor"} <= set(best)
+    assert set(last) - set(best) <= {*RESUME_ONLY, "taken", "skipped", "last_eval_step",
+                                     "max_steps", "num_threads"}  # fmt: skip
     assert (folder / "best.pt").stat().st_size < (folder / "last.pt").stat().st_size
     for weights in ("model", "ema"):  # the same test metrics as the full checkpoint (old best.pt)
         scored = []

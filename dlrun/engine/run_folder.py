@@ -50,19 +50,21 @@ NEUTRAL = {
     "data.cutmix": 0.0, "data.mix_switch_prob": 0.5, "data.randaugment.num_ops": 0,
     "data.randaugment.magnitude": 9, "data.trivialaugment": False, "data.random_erasing": 0.0,
 }  # fmt: skip
-# What best.pt (and trainer.save_top_k's files) keep of a checkpoint: what its readers use. The
-# modes (eval, predict, export, sample, translate, embed, verify: "model", "ema" for
-# eval.weights=ema, "task" for a verification threshold, "config", "epoch"/"step"/"train_time"),
-# dlrun.load, ckpt= fine-tuning and the scoring readers (teacher.ckpt, metrics.fid.ckpt,
-# metrics.domain.ckpt, style.features_ckpt: "model", "config"). The resume state (optimizers,
-# schedules, scaler, RNG states, mid-epoch progress, hook states) is last.pt's alone.
-EVAL_KEYS = ("format", "model", "ema", "config", "task", "epoch", "step", "train_time",
-             "metrics", "monitor")  # fmt: skip
+# What best.pt (and trainer.save_top_k's files) leave out of a checkpoint: the resume state, which
+# only resume=true reads (optimizers, schedules, scaler, RNG states, mid-epoch progress, the hooks'
+# states, the loop's counters). Everything else stays: what the modes (eval, predict, export,
+# sample, translate, embed, verify), dlrun.load, ckpt= fine-tuning and the scoring readers
+# (teacher.ckpt, metrics.fid.ckpt, metrics.domain.ckpt, style.features_ckpt) read: "model", "ema"
+# (eval.weights=ema), "task" (a verification threshold), "config", "epoch", "step", "train_time",
+# "metrics", "monitor", and any key a later change adds for them (kept unless listed here).
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "taken", "rng", "rng_ranks", "progress",
+               "hooks", "skipped", "last_eval_step", "max_steps", "num_threads")  # fmt: skip
 
 
 def eval_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's EVAL_KEYS, marked `"resumable": False` (resume=true refuses it by name)."""
-    return {k: state[k] for k in EVAL_KEYS if k in state} | {"resumable": False}
+    """A checkpoint less its RESUME_ONLY keys, marked `"resumable": False` (resume=true refuses
+    it by name)."""
+    return {k: v for k, v in state.items() if k not in RESUME_ONLY} | {"resumable": False}
 
 
 def save_for_eval(path: Path, state: Mapping[str, Any], last: Path) -> None:
