@@ -2,6 +2,7 @@
 
     model, preprocess = dlrun.load("outputs/.../checkpoints/best.pt")
     probs = model(preprocess(Image.open("seven.png"))[None]).softmax(1)
+    preprocess.classes[int(probs.argmax())]  # the class's name, as the data set names it
 
 The checkpoint rebuilds its own model (its stored config says which, with which options), so
 no dlrun config or data set is needed. `preprocess` gives exactly the tensor training saw for the
@@ -39,9 +40,11 @@ class Preprocess:
     """
 
     def __init__(
-        self, channels: int, image_size: int, mean: Sequence[float], std: Sequence[float]
-    ) -> None:
+        self, channels: int, image_size: int, mean: Sequence[float], std: Sequence[float],
+        classes: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         self.channels, self.image_size = int(channels), int(image_size)
+        self.classes = [str(c) for c in classes]  # class i's name (its number where unnamed)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.resize = v2.Resize(
             (self.image_size, self.image_size), InterpolationMode.BILINEAR, antialias=True
@@ -80,7 +83,7 @@ class Preprocess:
     def __repr__(self) -> str:
         return (
             f"Preprocess(channels={self.channels}, image_size={self.image_size}, "
-            f"mean={self.mean}, std={self.std})"
+            f"mean={self.mean}, std={self.std}, classes={len(self.classes)})"
         )
 
 
@@ -115,9 +118,19 @@ def load(
     data = cfg["data"]
     channels = int(data["channels"])
     preprocess = Preprocess(
-        channels, int(data["image_size"]), _per_channel(data, "mean"), _per_channel(data, "std")
-    )
+        channels, int(data["image_size"]), _per_channel(data, "mean"), _per_channel(data, "std"),
+        class_names(state, int(data.get("num_classes") or 0)),
+    )  # fmt: skip
     return net.to(torch.device(device)).eval(), preprocess
+
+
+def class_names(state: Mapping[str, Any], k: int) -> list[str]:
+    """The classes' names a checkpoint stores (its data's), by number where it names none (one
+    written before it stored them)."""
+    about = (state.get("data") or {}).get("describe") or {}
+    named = [str(c) for c in about.get("classes") or []]
+    k = max(k, int(about.get("num_classes") or 0), len(named))
+    return [named[i] if i < len(named) else str(i) for i in range(k)]
 
 
 def _per_channel(data: Mapping[str, Any], key: str) -> list[float]:

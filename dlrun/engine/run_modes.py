@@ -7,17 +7,21 @@ same name (`sample.n`, later `translate.input`, `predict.input`), and writes wha
 under `<run>/<mode>/`. A task adds a mode by listing it in `modes` and defining `mode_<name>`.
 """
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from dlrun.data.folder import IMAGE_SUFFIXES
 from dlrun.data.folder import decode as decode_image
 from dlrun.data.transforms import Normalize
 from dlrun.errors import UserError
+
+log = logging.getLogger("dlrun")
 
 
 def folder_inputs(
@@ -36,8 +40,42 @@ def folder_inputs(
             f"input={spec} is neither a split ({splits}) nor a folder holding images "
             f"({', '.join(sorted(IMAGE_SUFFIXES))})."
         )
+    warn_unlike(files, channels, size)
     images = torch.stack([decode_image(p, channels, size, resample) for p in files])
     return [p.stem for p in files], images
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes of one channel (LA: plus alpha)
+_LISTED = 3  # files a warning names before "and N more"
+
+
+def warn_unlike(files: Sequence[Path], channels: int, size: int) -> list[str]:
+    """One warning for input images unlike the model's training images (colour for a grey
+    model, grey for a colour one, another size), saying what is done to them; returns the
+    files it names. Reads only the files' headers."""
+    unlike, done = [], set()
+    for path in files:
+        with Image.open(path) as img:
+            grey, (w, h) = img.mode in GREY_MODES, img.size
+        why = []
+        if grey != (channels == 1):
+            why.append("colour" if not grey else "grey")
+            done.add("converted to grey" if channels == 1 else "grey copied to 3 channels")
+        if (w, h) != (size, size):
+            why.append(f"{w}x{h}")
+            done.add(f"resized to {size}x{size}" + ("" if w == h else ", aspect ratio not kept"))
+        if why:
+            unlike.append(f"{path.name} ({', '.join(why)})")
+    if unlike:
+        more = f" and {len(unlike) - _LISTED} more" if len(unlike) > _LISTED else ""
+        kind = "grey" if channels == 1 else "colour"
+        log.warning(
+            "%d of %d input images differ from the %s %dx%d images the model was trained on: "
+            "%s%s; they were %s. Predictions on such images may mean little.",
+            len(unlike), len(files), kind, size, size, ", ".join(unlike[:_LISTED]), more,
+            " and ".join(sorted(done)),
+        )  # fmt: skip
+    return unlike
 
 
 def check_mode(modes: Sequence[str], mode: str, ckpt: str | None, task: str) -> None:

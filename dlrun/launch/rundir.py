@@ -89,6 +89,13 @@ def made_here(run_dir: Path) -> bool:
     return Path(run_dir).resolve() in _MADE.values()
 
 
+def claimed(base: str, path: Path, new_parents: list[Path]) -> None:
+    """Record a folder this process created for its run (dlrun.launch.mode_dir): a refused run
+    removes it, and the parents it made, as it does Hydra's."""
+    _MADE[base] = path.resolve()
+    _NEW_PARENTS.extend(new_parents)
+
+
 def buffer_logs() -> logging.handlers.MemoryHandler:
     """Hold log records until the run folder is committed (or dropped, on a user error)."""
     buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
@@ -123,8 +130,11 @@ def commit(run_dir: Path, cfg: DictConfig, buffer: logging.handlers.MemoryHandle
                 buffer.setTarget(handler)
                 buffer.flush()
                 logging.getLogger().addHandler(handler)
-        log.info("run folder: %s", run_dir.resolve())
-        log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
+        if cfg.get("mode", "train") != "train":  # results, not a run to watch in TensorBoard
+            log.info("results: %s", run_dir.resolve())
+        else:
+            log.info("run folder: %s", run_dir.resolve())
+            log.info("TensorBoard: tensorboard --logdir %s", run_dir.resolve())
     except OSError as err:
         raise WriteFailed(
             f"Cannot write the run folder {run_dir} ({err.strerror or err}). Make it writable, "

@@ -114,6 +114,8 @@ def export_network(
     net = copy.deepcopy(unwrap(model)).float().cpu().eval()
     net = net.to(memory_format=torch.contiguous_format)
     test = data.example_batch(CHECK_IMAGES, "test")["image"].float().cpu()
+    # Without the data set (the checkpoint describes it): seeded noise images check the file.
+    what = "random images" if getattr(data, "synthetic", False) else "test images"
     test = test if len(test) >= EXAMPLE_BATCH else test.repeat(EXAMPLE_BATCH, 1, 1, 1)
     with torch.no_grad():
         ref = class_scores(net(test), len(test))
@@ -160,15 +162,15 @@ def export_network(
         "model": dict(model_spec) or None,
         "data": data.describe()["name"],
         "checkpoint": {"path": str(ckpt), "epoch": state.get("epoch"), "step": state.get("step")},
-        "check": {"images": len(test), "max_abs_logit_diff": diff, "same_top1": agree},
+        "check": {"images": len(test), "of": what, "max_abs_logit_diff": diff, "same_top1": agree},
         "torch": torch.__version__,
         "dlrun": dlrun.__version__,
     }
     side = export.write_sidecar(path, info)
     log.info(
-        "exported %s (%s, %.1f MB) and %s; on %d test images its logits differ from "
+        "exported %s (%s, %.1f MB) and %s; on %d %s its logits differ from "
         "PyTorch's by at most %.2e (%d of %d top-1 classes the same)",
-        path, fmt, path.stat().st_size / 1e6, side.name, len(test), diff, agree, len(test),
+        path, fmt, path.stat().st_size / 1e6, side.name, len(test), what, diff, agree, len(test),
     )  # fmt: skip
     if tta != "none":
         log.warning("eval.tta=%s is not part of the exported network (one forward pass)", tta)

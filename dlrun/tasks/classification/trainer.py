@@ -24,6 +24,7 @@ class ClassificationTrainer(Trainer):
     """Trains `model(image) -> logits` against integer labels."""
 
     modes = ("train", "eval", "predict", "export")
+    data_free_modes = {"predict": "input", "export": None}
     scores_test_at_end = True  # data.val_split > 0: test/* at the end, by the final weights
 
     def __init__(self, *, loss: Objective, tta: str = "none", **kwargs: Any) -> None:

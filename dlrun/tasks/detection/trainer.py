@@ -74,6 +74,7 @@ class DetectionTrainer(Trainer):
     """Trains a detector on batches with "image", "boxes" and "box_labels"."""
 
     modes = ("train", "eval", "predict")
+    data_free_modes = {"predict": "input"}
     data_kinds = ("detection",)
     default_monitor = "val/map_50"
     scores_test_at_end = True  # data.val_scenes > 0 (the default): test/* by the final weights
@@ -94,7 +95,8 @@ class DetectionTrainer(Trainer):
                 f"{type(self.model).__name__} is not a detector: use model=yolo or "
                 "model=faster_rcnn with data=mnist_det."
             )
-        if self.model.needs_anchors():  # none configured: k-means on the training boxes
+        # None configured: k-means on the training boxes (a mode's come with its checkpoint).
+        if self.model.needs_anchors() and self.mode == "train":
             wh = require(self.data, "boxes", by="trainer=detection").box_sizes("train").cpu()
             k = len(self.model.anchors)
             anchors = kmeans_anchors(wh, k, torch.Generator().manual_seed(0))

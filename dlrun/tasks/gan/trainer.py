@@ -30,6 +30,7 @@ class GANTrainer(Trainer):
     """Trains the `generator` role against the `discriminator` role, one optimizer each."""
 
     modes = ("train", "eval", "sample")
+    data_free_modes = {"sample": None}
 
     def __init__(
         self,

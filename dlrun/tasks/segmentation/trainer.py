@@ -56,6 +56,7 @@ class SegmentationTrainer(Trainer):
     """Trains `model(image) -> (B, K + 1, H, W)` logits against (B, H, W) masks."""
 
     modes = ("train", "eval", "predict")
+    data_free_modes = {"predict": "input"}
     data_kinds = ("segmentation", "detection")
     default_monitor = "val/miou"
     scores_test_at_end = True  # data.val_scenes > 0 (the default): test/* by the final weights

@@ -1,0 +1,210 @@
+"""A checkpoint is enough: every mode but train builds its model, data set and task from `ckpt=`.
+
+`dlrun mode=eval ckpt=<run>/checkpoints/best.pt` composes the default config (Hydra runs first);
+`apply` then puts the checkpoint's stored config in its place, key by key, under today's names
+(dlrun.config.migrations). What stays the command's: the mode's own options (`predict.*`,
+`export.*`, ...), where and how it runs (device, threads, precision, progress), and where the data
+lives (`data.root`, `DLRUN_DATA`). A key the command gives that contradicts the checkpoint
+(`model=resnet18` for a LeNet) is refused in one line naming both values; a key it repeats with
+the checkpoint's own value (the old `model=lenet data=mnist`) is no contradiction.
+"""
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dlrun.config.migrations import migrate
+from dlrun.engine import checkpoint
+from dlrun.errors import UserError
+
+log = logging.getLogger("dlrun")
+
+# Keys (and nodes) the command decides, whatever the checkpoint says: the mode and its options,
+# the machine it runs on, how it reports, where the data files are.
+COMMAND_KEYS = (
+    "mode", "ckpt", "resume", "device", "seed", "hydra", "callbacks",
+    "eval", "sample", "translate", "embed", "verify", "predict", "export",
+    "trainer.num_threads", "trainer.progress", "trainer.log_every_s", "trainer.profile",
+    "data.download", "data.num_workers", "data.source.cache_dir", "data.source.workers",
+)  # fmt: skip
+# Keys the command may set otherwise than the checkpoint (how the mode runs, what it scores);
+# not given, they keep the checkpoint's value.
+MAY_CHANGE = (
+    *COMMAND_KEYS, "data.root", "data.eval_subset", "data.eval_batch_size", "metrics",
+    "trainer.precision", "trainer.channels_last", "trainer.compile", "trainer.deterministic",
+    "style.content", "style.style", "teacher.ckpt",
+)  # fmt: skip
+GROUPS = ("model", "data", "loss", "optim", "sched", "trainer")  # compared by what they build
+_SHOWN = 4  # contradictions listed before "and N more"
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+
+
+def saved_config(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's config as dotted keys under today's names; None when it stores none."""
+    saved = state.get("config")
+    if not isinstance(saved, Mapping) or "model" not in saved or "data" not in saved:
+        return None
+    return migrate(checkpoint.flatten(saved))
+
+
+def _identity(flat: Mapping[str, Any], node: str) -> tuple[Any, Any]:
+    """What a config node builds: its `_target_` and, for data sets, its name."""
+    return (flat.get(f"{node}._target_"), flat.get(f"{node}.name"))
+
+
+def _short(flat: Mapping[str, Any], node: str, choice: str | None) -> str:
+    target, name = _identity(flat, node)
+    if choice:
+        return str(choice)
+    if name:
+        return str(name)
+    return str(target).rsplit(".", 1)[-1] if target else "none"
+
+
+def saved_choices(state: Mapping[str, Any], ckpt: Path) -> dict[str, str]:
+    """The checkpoint's config groups (model, data, ...): stored since this change, else the ones
+    its run folder's .hydra/hydra.yaml recorded, else none (messages name the `_target_`)."""
+    stored = state.get("choices")
+    if isinstance(stored, Mapping):
+        return {str(k): str(v) for k, v in stored.items() if v is not None}
+    from dlrun.config.resume import _saved_choices  # the run folder's record
+
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return {k: v for k, v in _saved_choices(run).items() if v is not None}
+
+
+def contradictions(
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    overrides: Sequence[str],
+    choices: Mapping[str, Any],
+    saved_groups: Mapping[str, str],
+) -> list[str]:
+    """`key: <command's> (this command) vs <checkpoint's> (checkpoint)` for each override that
+    asks for something else than the checkpoint holds."""
+    found: list[str] = []
+    for override in overrides:
+        key = _key(override)
+        if key.startswith("hydra") or override.startswith("~") or _under(key, MAY_CHANGE):
+            continue
+        if key in GROUPS:  # model=resnet18: compare what the two configs build
+            if _identity(saved, key) != _identity(now, key):
+                found.append(
+                    f"{key}: {_short(saved, key, saved_groups.get(key))} (checkpoint) vs "
+                    f"{choices.get(key)} (this command)"
+                )
+            continue
+        under = [k for k in saved if _under(k, [key])]
+        for k in under:
+            if k in now and not checkpoint.same(saved[k], now[k]):
+                found += checkpoint.describe_diff(
+                    _nest(saved), _nest(now), [k], ("checkpoint", "this command")
+                )
+    return found
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def _data_root(now_raw: Any, now: Any, saved: Any, given: bool, same_set: bool) -> Any:
+    """data.root for a checkpoint's data set: the command's, or DLRUN_DATA's for the same data
+    set, else the checkpoint's folder where it still exists, else today's default."""
+    env_based = isinstance(now_raw, str) and "DLRUN_DATA" in now_raw
+    if given or (same_set and env_based and os.environ.get("DLRUN_DATA")):
+        return now
+    if saved is not None and Path(str(saved)).expanduser().exists():
+        return saved
+    return now if env_based or same_set else saved
+
+
+def merged(
+    saved: Mapping[str, Any],
+    now_raw: Mapping[str, Any],
+    now: Mapping[str, Any],
+    given: Sequence[str],
+) -> dict[str, Any]:
+    """The mode's config, dotted: the checkpoint's values, the command's COMMAND_KEYS and the
+    MAY_CHANGE keys it gives, and today's defaults for keys added since (in a node that builds
+    the same thing as the checkpoint's)."""
+
+    def set_here(key: str) -> bool:
+        return any(key == g or key.startswith(g + ".") for g in given)
+
+    # Nodes that build another thing than the checkpoint's (lenet composed, resnet18 saved):
+    # none of today's keys under them is the checkpoint's, so none is kept.
+    nodes = {k.rsplit(".", 1)[0] for k in [*saved, *now] if k.endswith("._target_")}
+    other = [n for n in nodes if _identity(saved, n) != _identity(now, n)]
+    out: dict[str, Any] = {}
+    for key, value in now.items():
+        if _under(key, COMMAND_KEYS) or (set_here(key) and _under(key, MAY_CHANGE)):
+            out[key] = value
+        elif key not in saved and not _under(key, other):
+            out[key] = value  # added since the checkpoint was written: today's default
+    top = {k.split(".", 1)[0] for k in now}
+    for key, value in saved.items():
+        if key in out or _under(key, COMMAND_KEYS) or key.split(".", 1)[0] not in top:
+            continue  # a node today's dlrun no longer has is nothing it would read
+        if set_here(key) and _under(key, MAY_CHANGE):
+            continue
+        out[key] = value
+    if "data.root" in now:
+        out["data.root"] = _data_root(
+            now_raw.get("data.root"), now["data.root"], saved.get("data.root"),
+            set_here("data.root"), _identity(saved, "data") == _identity(now, "data"),
+        )  # fmt: skip
+    return out
+
+
+def apply(
+    cfg: DictConfig, ckpt: str, overrides: Sequence[str], choices: Mapping[str, Any]
+) -> dict[str, str]:
+    """Put checkpoint `ckpt`'s config into `cfg` (in place) for a mode other than train; returns
+    the checkpoint's config groups (for the choices a run records). A checkpoint without a stored
+    config leaves `cfg` as composed."""
+    path = Path(ckpt).expanduser()
+    state = checkpoint.load(path)
+    saved = saved_config(state)
+    if saved is None:
+        return {}
+    groups = saved_choices(state, path)
+    now_raw = checkpoint.flatten(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+    now = checkpoint.flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    found = contradictions(saved, now, overrides, choices, groups)
+    if found:
+        more = f" and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
+        raise UserError(
+            f"mode={cfg.mode} takes the model, data and task from ckpt={ckpt}, but this command "
+            f"asks for others: {'; '.join(found[:_SHOWN])}{more}. Leave "
+            f"{'it' if len(found) == 1 else 'them'} out (the mode's own options, data.root, "
+            "data.eval_subset and device may be given), or train a new run."
+        )
+    given = [_key(o) for o in overrides if not _key(o).startswith("hydra")]
+    flat = merged(saved, now_raw, now, given)
+    with open_dict(cfg):
+        for top, node in _nest(flat).items():
+            cfg[top] = node
+    log.info(
+        "mode=%s: model %s, data %s and task from %s",
+        cfg.mode, _short(saved, "model", groups.get("model")),
+        _short(saved, "data", groups.get("data")), path,
+    )  # fmt: skip
+    return groups
