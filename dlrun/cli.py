@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dlrun.config import checks, migrations, resume
 from dlrun.config.compose import CONFIG_DIR
 from dlrun.config.explain import error_line
-from dlrun.engine import dist
+from dlrun.engine import dist, progress
 from dlrun.engine.guards import Interrupted
 from dlrun.engine.hooks import Hook, builtin
 from dlrun.engine.loop import Trainer
@@ -87,6 +87,8 @@ def build_trainer(
     process.configure(
         cfg.trainer.get("num_threads"), bool(cfg.trainer.get("deterministic", False)), device
     )
+    # The data's preparation says how far it is, as the trainer will (dlrun.engine.progress).
+    progress.configure(cfg.trainer.get("log_every_s", 30), cfg.trainer.get("progress"))
     torch.manual_seed(cfg.seed)
     data = build(cfg.data, "data")
     with open_dict(cfg):  # image folders know their class count only once read

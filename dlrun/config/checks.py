@@ -97,6 +97,7 @@ RULES: tuple[Rule, ...] = (
     _int("trainer.max_steps", 1, "trainer.max_steps=1000", nullable=True),
     _int("trainer.log_every_n_steps", 1, "trainer.log_every_n_steps=50"),
     _int("trainer.num_threads", 1, "trainer.num_threads=4", nullable=True),
+    Rule("trainer.log_every_s", "number", "trainer.log_every_s=30", low=0, nullable=True),
     Rule("trainer.compile", "bool", "trainer.compile=false"),
     Rule("trainer.channels_last", "bool", "trainer.channels_last=false"),
     _int(

@@ -24,6 +24,7 @@ from dlrun.data.scene_layout import Scenes, compose
 from dlrun.data.tensor_loader import TensorLoader
 from dlrun.data.transforms import Normalize, RandomHFlip, Transform
 from dlrun.engine import dist
+from dlrun.engine.progress import Heartbeat
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -124,20 +125,24 @@ class SceneData(DeviceGenerators):
         world_size = dist.world_size() if world_size is None else world_size
         self.rank, self.world_size = rank, world_size
         fixed = torch.Generator(device=device).manual_seed(self.scene_seed)
+        # Seconds on a CPU (22 s for YOLO's): said every trainer.log_every_s (progress.py).
+        beat = Heartbeat(f"composing {self.name} scenes", sum(self.counts.values()), unit="scenes")
+        layout = self.layout | {"tick": beat.tick}
         test_x, test_y = (t.to(device) for t in self.objects["test"])
-        self.scenes["test"] = compose(test_x, test_y, self.counts["test"], fixed, **self.layout)
+        self.scenes["test"] = compose(test_x, test_y, self.counts["test"], fixed, **layout)
         train_x, train_y = (t.to(device) for t in self.objects["train"])
         keep = len(train_x) - self.val_objects
         if self.counts["val"]:  # the last data.val_objects training digits, never trained on
             self.scenes["val"] = compose(
-                train_x[keep:], train_y[keep:], self.counts["val"], fixed, **self.layout
+                train_x[keep:], train_y[keep:], self.counts["val"], fixed, **layout
             )
         else:
             self.scenes["val"] = self.scenes["test"]
         self.scenes["train"] = compose(
             train_x[:keep], train_y[:keep], self.counts["train"],
-            torch.Generator(device=device).manual_seed(seed), **self.layout,
+            torch.Generator(device=device).manual_seed(seed), **layout,
         )  # fmt: skip
+        beat.close()
         self.seed_generators(device, seed, rank, world_size)
         log.info(
             "data %s: %d train, %d val, %d test scenes of %dx%d (%s)", self.name,

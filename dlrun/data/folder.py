@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from dlrun.data.in_memory import Splits, missing_data
+from dlrun.engine.progress import Heartbeat
 from dlrun.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,10 @@ def decode_files(
             else:
                 log.warning("ignoring the cache file %s, which does not fit: decoding again", cache)
     log.info("decoding %d images in %s (once: the result is cached)", len(files), split_dir)
+    beat = Heartbeat(f"decoding {split_dir}", len(files), unit="images")  # progress.py
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda f: _try_decode(f[0], channels, image_size, resample), files))
+        decoded = pool.map(lambda f: _try_decode(f[0], channels, image_size, resample), files)
+        results = list(beat.wrap(decoded))
     failed = [(path, r) for (path, _), r in zip(files, results, strict=True) if isinstance(r, str)]
     if failed:
         if bad_images == "error":

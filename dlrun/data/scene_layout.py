@@ -8,6 +8,7 @@ two overlap, the one placed later (on top) owns the pixel; its box is the tight 
 pasted pixels, occluded or not.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +70,10 @@ def compose(
     max_overlap: float = 0.2,
     threshold: float = 0.5,
     chunk: int = 2048,
+    tick: Callable[[int], None] | None = None,
 ) -> Scenes:
-    """`n` scenes of `objects` (uint8 (N, C, h, w) with int64 `labels`), on their device."""
+    """`n` scenes of `objects` (uint8 (N, C, h, w) with int64 `labels`), on their device;
+    `tick(k)` after each chunk of k scenes (a progress.Heartbeat's)."""
     lo, hi = per_scene
     if not 1 <= lo <= hi:
         raise UserError(f"data.per_scene must be [min, max] with 1 <= min <= max, got {per_scene}.")
@@ -82,11 +85,12 @@ def compose(
         )
     device = objects.device
     own_boxes = tight_boxes(objects, threshold)  # each object's own box, found once
-    parts = [
-        _compose_chunk(objects, own_boxes, labels, min(chunk, n - start), generator, canvas, lo,
-                       hi, scale, max_overlap, threshold)
-        for start in range(0, n, chunk)
-    ]  # fmt: skip
+    parts = []
+    for start in range(0, n, chunk):
+        parts.append(_compose_chunk(objects, own_boxes, labels, min(chunk, n - start), generator,
+                                    canvas, lo, hi, scale, max_overlap, threshold))  # fmt: skip
+        if tick is not None:
+            tick(len(parts[-1].images))
     if not parts:
         c = objects.shape[1]
         empty = torch.zeros(0, c, canvas, canvas, dtype=torch.uint8, device=device)

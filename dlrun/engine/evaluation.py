@@ -13,6 +13,7 @@ from dlrun.engine.guards import StopSignals
 from dlrun.engine.hooks.base import Hooks
 from dlrun.engine.loop_state import Cadence, LoopState
 from dlrun.engine.monitor import Monitor
+from dlrun.engine.progress import EvalBatches
 from dlrun.engine.run_logger import RunLogger
 
 log = logging.getLogger("dlrun.engine.loop")
@@ -49,6 +50,13 @@ class Evaluation:
         self.monitor, self.stop = monitor, stop
         self.phase = "train"
 
+    def batches(self, loader: Any, prefix: str) -> EvalBatches:
+        """`loader` as the task iterates it, with its progress (progress.py): a bar, or lines and
+        on the CPU an estimate of a long evaluation; its time is left out of the training rate."""
+        hint = "data.eval_subset" if hasattr(self.data, "eval_subset") else None
+        lg = self.logger
+        return EvalBatches(loader, prefix, lg.log_every_s, lg.progress, hint, lg.beat.pause)
+
     def due(self, state: LoopState, at_epoch_end: bool, finished: bool) -> bool:
         """Whether a validation is due at `state.step`: at an epoch's end (every
         trainer.val_every_n_epochs, and the last), or mid-epoch (trainer.val_every_n_steps)."""
@@ -64,7 +72,7 @@ class Evaluation:
             # First the hooks' (trainer.ema's average), so that what a task keeps of its last
             # evaluation (images, per-class reports) is the raw weights'.
             extra = self.hooks.before_evaluation("val")
-            metrics = evaluate(self.data.val_loader(), "val") | extra
+            metrics = evaluate(self.batches(self.data.val_loader(), "val"), "val") | extra
         self.phase = "train"
         if outcome["cut"]:
             return
@@ -81,7 +89,7 @@ class Evaluation:
     def checkpoint(self, evaluate: Evaluate, show: Show, run_dir: Path) -> dict[str, float]:
         """mode=eval: a checkpoint's test/* (and what its evaluation shows, in `run_dir`'s
         TensorBoard), said in the log."""
-        metrics = evaluate(self.data.test_loader(), "test")
+        metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
         if dist.is_main():  # what the evaluation shows beyond scalars (a confusion matrix)
             with SummaryWriter(str(run_dir)) as writer:
                 show(writer, "test")
@@ -95,7 +103,7 @@ class Evaluation:
         if self.data.describe().get("val_is_test", True):
             return
         self.phase = "eval"
-        metrics = evaluate(self.data.test_loader(), "test")
+        metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
         self.phase = "train"
         self.logger.log(metrics, state)
         if self.logger.writer is not None:

@@ -58,7 +58,7 @@ class Trainer:
         max_epochs: int = 10, max_steps: int | None = None,
         precision: str = "fp32", channels_last: bool = False, compile: bool = False,
         sync_batchnorm: bool = False, freeze: str | int | None = None,
-        log_every_n_steps: int = 50, progress: bool | None = None,
+        log_every_n_steps: int = 50, progress: bool | None = None, log_every_s: float | None = 30,
         checkpoint_every_n_steps: int | None = None, on_nonfinite: str = "stop",
         grad_clip: float | None = None, accumulate_grad_batches: int = 1,
         val_every_n_epochs: int = 1, val_every_n_steps: int | None = None,
@@ -77,7 +77,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         # The composed config: an opaque record that only the run folder stores and compares.
         self.folder = RunFolder(self.run_dir, config_record or {})
-        self.logger = RunLogger(self.run_dir, progress)
         self.placement = Placement(device, channels_last, compile, sync_batchnorm, freeze)
         self.dtype = resolve_precision(precision, device)
         self.memory_format, self.accumulate = self.placement.memory_format, accumulate_grad_batches
@@ -89,6 +88,7 @@ class Trainer:
         # average swapped in, eval.weights=ema): a task fitting a threshold keeps one per set.
         self.scored_weights = "model"
         self.state = LoopState()
+        self.logger = RunLogger(self.run_dir, progress, log_every_s, self.state, self.length)
         self.resumed_progress: EpochProgress | None = None  # set by a mid-epoch resume
         self.stop = StopSignals()
         self.evaluation = Evaluation(

@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = (
     "trainer.max_steps",
     "trainer.log_every_n_steps",
     "trainer.progress",
+    "trainer.log_every_s",
     "trainer.checkpoint_every_n_steps",
     "trainer.on_nonfinite",
     "trainer.sample_every_n_steps",

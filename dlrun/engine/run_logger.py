@@ -7,10 +7,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from dlrun.engine import dist
-from dlrun.engine.loop_state import LoopState
+from dlrun.engine.loop_state import LoopState, RunLength
+from dlrun.engine.progress import TrainBeat, open_bar
 from dlrun.engine.tb import Writer, log_config, log_hparams, log_layout
 
 log = logging.getLogger("dlrun.engine.loop")  # the loop's lines, under the loop's name
@@ -19,10 +19,19 @@ TB_TAGS = {"epoch": "time/epoch"}  # metrics.json key -> TensorBoard tag, where 
 
 class RunLogger:
     """The SummaryWriter of `run_dir` (None off rank 0, or before `open`), the epoch's progress
-    bar (`progress`: true, false, or null: tqdm decides by the terminal) and the log lines."""
+    bar (`progress`: true, false, or null: tqdm decides by the terminal) and the log lines; where
+    no bar shows, a training line every `log_every_s` seconds (progress.py; 0 or None: none)."""
 
-    def __init__(self, run_dir: str | Path, progress: bool | None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        progress: bool | None,
+        log_every_s: float | None = 30.0,
+        state: LoopState | None = None,
+        length: RunLength | None = None,
+    ) -> None:
         self.run_dir, self.progress = Path(run_dir), progress
+        self.log_every_s, self.beat = log_every_s, TrainBeat(log_every_s, state, length)
         self.writer: SummaryWriter | None = None
         self.pbar: Any = None
         self.size = "?"  # the model's parameters and FLOPs, as `open` was told
@@ -60,18 +69,16 @@ class RunLogger:
         self.writer.add_text("model", self.size, 0)
 
     def bar(self, batches: Iterable[Any], total: int, initial: int, desc: str) -> Any:
-        self.pbar = tqdm(
-            batches,
-            total=total,
-            initial=initial,
-            desc=desc,
-            disable=(not self.progress) if self.progress is not None else None,
-            leave=False,
+        """The epoch's batches through the bar, or (no bar showing) through the timed lines."""
+        self.pbar = open_bar(
+            self.progress, iterable=batches, total=total, initial=initial, desc=desc
         )
-        return self.pbar
+        return self.beat.wrap(self.pbar, desc) if self.pbar.disable else self.pbar
 
     def window(self, means: Mapping[str, float], step: int, lr: float | None, rate: float) -> None:
-        """Every log_every_n_steps: the window's step scalars, the lr, the bar's postfix."""
+        """Every log_every_n_steps: the window's step scalars, the lr, the bar's postfix (or the
+        loss the next timed line shows: `means` are host floats already)."""
+        self.beat.means = dict(means)
         if self.writer is not None:
             for k, v in means.items():
                 self.writer.add_scalar(f"train/{k}_step", v, step)
