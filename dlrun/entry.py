@@ -19,6 +19,9 @@ from dlrun.config.migrations import renamed_key
 from dlrun.errors import UserError
 
 HELP_FLAGS = ("--help", "-h")
+# dlrun's own flag: every key, the blocks this config does not read too. Hydra's parser does not
+# know it, so it is taken out of the arguments before Hydra sees them.
+HELP_ALL = "--help-all"
 
 
 def main() -> None:
@@ -28,21 +31,26 @@ def main() -> None:
     if renamed:
         print(f"dlrun: error: {renamed}", file=sys.stderr)
         sys.exit(UserError.exit_code)
-    if any(arg in HELP_FLAGS for arg in args) and fast_help(args):
+    everything = HELP_ALL in args
+    if everything:  # Hydra's own help (--config-dir ...) prints every key anyway
+        args = [arg for arg in args if arg != HELP_ALL] + ["--help"]
+        sys.argv = [sys.argv[0], *args]
+    if any(arg in HELP_FLAGS for arg in args) and fast_help(args, everything):
         return
     from dlrun.cli import main as run  # torch, the trainers, @hydra.main: the run itself
 
     run()
 
 
-def fast_help(args: Sequence[str]) -> bool:
-    """Print the help for these overrides; False (nothing printed) when a flag that changes which
-    configs are read (--config-dir, --config-name, --config-path) calls for Hydra's own help."""
+def fast_help(args: Sequence[str], everything: bool = False) -> bool:
+    """Print the help for these overrides (the keys their config reads; `everything`: every key);
+    False (nothing printed) when a flag that changes which configs are read (--config-dir,
+    --config-name, --config-path) calls for Hydra's own help."""
     parsed = get_args_parser().parse_args(list(args))  # Hydra's flags, Hydra's usage errors
     if parsed.config_dir or parsed.config_path or parsed.config_name:
         return False
     try:
-        text = help_text(parsed.overrides, resolve=parsed.resolve)
+        text = help_text(parsed.overrides, resolve=parsed.resolve, everything=everything)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as dlrun.cli: the user asked for it
             raise

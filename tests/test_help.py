@@ -1,6 +1,9 @@
 """`dlrun --help` (issue 17): fast (no torch), every key it prints described, no `_target_`; and a
-mistyped option, key or group answered with the name that was probably meant, on one line."""
+mistyped option, key or group answered with the name that was probably meant, on one line.
+Issue 30 (item 7): --help lists the keys the composed config reads, --help-all every key, and a
+key's line that depends on a choice is the one for the chosen option."""
 
+import importlib
 import re
 import subprocess
 import sys
@@ -8,11 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from dlrun.config.compose import CONFIG_DIR, composed
 from dlrun.config.explain import did_you_mean
-from dlrun.config.helptext import help_text, is_internal, render
+from dlrun.config.helptext import (
+    KEYS_FILE,
+    TRAINER_MODES,
+    WHEN_LINE,
+    help_text,
+    is_internal,
+    render,
+)
 from tests.test_cli import dlrun
 
 KEY_LINE = re.compile(
@@ -30,7 +41,7 @@ def printed_keys(text: str) -> dict[str, str | None]:
     path: list[str] = []
     for line in section.splitlines()[1:]:
         found = KEY_LINE.match(line)
-        if not found or line.startswith(("#", "Another option's keys")):
+        if not found or line.startswith(("#", "Another option's keys", "The keys this config")):
             continue
         depth = len(found["indent"]) // 2
         path = [*path[:depth], found["key"]]
@@ -56,11 +67,13 @@ def test_every_key_of_every_option_is_printed_with_a_description() -> None:
     undescribed: dict[str, list[str]] = {}
     for overrides in cases:
         cfg, groups = composed(overrides)
-        text = render(cfg, groups)
+        text = render(cfg, groups, everything=True)  # --help-all
         keys = printed_keys(text)
         app = OmegaConf.to_container(cfg, resolve=False)
         app.pop("hydra")  # type: ignore[union-attr]
         assert set(keys) == public_keys(app), overrides
+        read = printed_keys(render(cfg, groups))  # --help: a part of them, as described
+        assert set(read) < set(keys) and all(read[k] == keys[k] for k in read), overrides
         assert "_target_" not in text and "_partial_" not in text, overrides
         for key, note in keys.items():
             if not note:
@@ -141,3 +154,95 @@ def test_did_you_mean_keeps_ties_follows_the_model_and_stays_quiet_when_nothing_
     assert did_you_mean("Could not override 'trainer.early_stopping.patiense'.", []) == (
         "trainer.early_stopping.patience"
     )
+
+
+TASK_BLOCKS = ("sample", "translate", "teacher", "distill", "embed", "verify", "predict", "export",
+               "style", "metrics")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shown"),
+    [
+        (["model=lenet", "data=mnist"], {"predict", "export"}),
+        (["model=knn"], {"predict", "export"}),
+        (["experiment=distill_mnist"], {"teacher", "distill", "predict", "export"}),
+        (["model=dcgan"], {"sample", "metrics"}),
+        (["model=cyclegan", "data=horse2zebra"], {"translate", "metrics"}),
+        (["model=siamese"], {"embed", "verify"}),
+        (["model=unet", "data=mnist_seg"], {"predict"}),
+        (["model=yolo", "data=mnist_det"], {"predict"}),
+        (["model=style_transfer"], {"style"}),
+    ],
+)
+def test_help_lists_the_blocks_the_task_reads_and_help_all_every_one(
+    overrides: list[str], shown: set[str]
+) -> None:
+    keys = printed_keys(help_text(overrides))
+    assert {b for b in TASK_BLOCKS if b in keys} == shown, overrides
+    assert "eval.weights" in keys and "trainer.max_epochs" in keys and "model" in keys
+    assert ("eval.tta" in keys) == ("trainer.tta" in keys)  # a classifier's, through ${eval.tta}
+    everything = printed_keys(help_text(overrides, everything=True))
+    assert set(TASK_BLOCKS) <= set(everything)
+
+
+def test_lenet_help_is_short_and_says_what_it_left_out() -> None:
+    text = help_text(["model=lenet", "data=mnist"])
+    assert len(text.splitlines()) < 140 < len(help_text([], everything=True).splitlines())
+    assert "style:" not in text and "translate:" not in text and "metrics:" not in text
+    left = next(line for line in text.splitlines() if line.startswith("# not read by"))
+    assert "style" in left and "--help-all" in left
+
+
+def test_the_trainer_modes_table_is_each_trainer_class_s_modes() -> None:
+    """helptext cannot import the trainers (torch); the table it keeps instead must not drift."""
+    targets = {
+        yaml.safe_load(p.read_text())["_target_"]
+        for p in (Path(CONFIG_DIR) / "trainer").glob("*.yaml")
+    }
+    assert targets == set(TRAINER_MODES)
+    for target, modes in TRAINER_MODES.items():
+        module, name = target.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), name).modes == modes, target
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says", "never"),
+    [
+        ([], "one-cycle's peak", "cosine"),  # sched=onecycle, the default
+        (["sched=cosine"], "cosine-annealed to sched.min_lr", "one-cycle"),
+        (["model=resnet50"], "cosine-annealed", "one-cycle"),  # its sched=cosine_warmup
+        (["sched=step"], "sched.gamma", "one-cycle"),
+        (["model=cyclegan", "data=horse2zebra"], "sched.decay_start", "one-cycle"),
+        (["sched=none"], "throughout", "one-cycle"),
+    ],
+)
+def test_a_line_that_depends_on_a_choice_is_the_chosen_option_s(
+    overrides: list[str], says: str, never: str
+) -> None:
+    lr = printed_keys(help_text(overrides))["optim.lr"] or ""
+    assert says in lr and never not in lr and "sched=" not in lr, (overrides, lr)
+
+
+def test_mode_lists_the_task_s_own_modes() -> None:
+    assert printed_keys(help_text(["model=dcgan"]))["mode"].startswith("train | eval | sample:")  # type: ignore[union-attr]
+    assert "predict | export" in (printed_keys(help_text([]))["mode"] or "")
+    assert "{modes}" not in help_text([], everything=True)
+
+
+def test_every_choice_line_of_keys_md_names_an_option_and_a_described_key() -> None:
+    lines = [WHEN_LINE.match(line) for line in KEYS_FILE.read_text().splitlines()]
+    found = [m for m in lines if m]
+    assert found, "keys.md has no per-choice lines"
+    plain = KEYS_FILE.read_text()
+    for m in found:
+        key, group, options = m.group(1), m.group(2), m.group(3).split("|")
+        assert f"- `{key}`: " in plain, f"{key}: a per-choice line needs the key's plain line"
+        for option in options:
+            assert (Path(CONFIG_DIR) / group / f"{option}.yaml").is_file(), (key, group, option)
+
+
+def test_help_all_passes_hydra_s_parser(tmp_path: Path) -> None:
+    res = dlrun("model=lenet", "--help-all", data=tmp_path, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "style:" in res.stdout and "translate:" in res.stdout and "# not read by" not in res.stdout
+    assert not (tmp_path / "outputs").exists()
