@@ -1,19 +1,29 @@
 """Checks of the composed config that run before anything is built or written.
 
 `check_config` checks the type and range of every public key from one table (`RULES`) and reports
-all the bad values in one message; `check_image_size` tries one forward pass so that an image size
-a network cannot take is a one-paragraph user error, not a traceback from deep inside the model.
+all the bad values in one message; `check_added_keys` refuses a `+key=value` that adds a key no
+part of dlrun reads; `check_image_size` tries one forward pass so that an image size a network
+cannot take is a one-paragraph user error, not a traceback from deep inside the model.
 """
 
+import inspect
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from dlrun.config.compose import CONFIG_DIR, CONFIG_NAME
+from dlrun.config.explain import closest_key, nested_key
 from dlrun.errors import UserError
 
 _ABSENT = object()  # OmegaConf.select's default: the key is not in the config
@@ -160,8 +170,12 @@ def check_config(cfg: DictConfig) -> None:
     """Raise one UserError naming every key of `RULES` whose value has the wrong type or range.
 
     Values that are `???` (missing; reported elsewhere, with the data set's own hint) or whose
-    interpolation cannot be resolved here are skipped, not reported.
+    interpolation cannot be resolved here are skipped, not reported. Under `dlrun` (Hydra's
+    config set) the command line's `+key=value` additions are checked first (`check_added_keys`).
     """
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        check_added_keys(cfg, list(hc.overrides.task), list(hc.runtime.choices))
     problems, examples = [], []
     for rule in RULES:
         try:
@@ -233,3 +247,108 @@ def check_image_size(model: nn.Module, input_shape: tuple[int, ...], what: str) 
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+# Keys whose readers are not in the config files: Hydra's own, and the user's hooks (docs/hooks.md).
+OPEN_NODES = ("hydra", "callbacks")
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Collection[str]) -> None:
+    """Refuse, in one line, a `+key=value` or `++key=value` that adds a key no part of dlrun reads.
+
+    Read are: a config group (`+experiment=NAME`, `+callbacks=NAME`: `groups` holds the chosen
+    ones), `hydra.*` and `callbacks.*`, a key the config files declare (`++seed=1`), and an
+    argument of a `_target_` node that its target takes (`+model.dropout=0.1` where the model has
+    that argument; a target taking `**kwargs` it does not pass on by name is given the benefit of
+    the doubt). A key of a plain node (`+lr=0.1`, `+eval.foo=1`) that the files do not declare,
+    or one a target does not take (`+trainer.foo=1`), is read by nothing: refused, with the key
+    it resembles. An added key that is not in `cfg` (a config of another run) is not checked.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:  # Hydra composed this config from them: not expected
+        return
+    problems: list[str] = []
+    for override in parsed:
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or override.package is not None:
+            continue
+        if "/" in key or key in groups or key.split(".")[0] in OPEN_NODES:
+            continue  # a config group, or keys whose readers dlrun does not know
+        if (
+            OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
+            is _ABSENT
+        ):
+            continue
+        why = _unread(cfg, key, override.is_force_add())
+        if why is not None:
+            problems.append(_refusal(cfg, key, override.input_line, why))
+    if problems:
+        raise UserError(
+            "; ".join(problems).rstrip("?") + ("?" if problems[-1].endswith("?") else ".")
+        )
+
+
+def _unread(cfg: DictConfig, key: str, forced: bool) -> str | None:
+    """Why nothing reads the added `key` (a clause, maybe empty); None when something does."""
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts[:-1]):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(target, str):  # an instantiated node: its target's arguments are read
+            if depth + 2 < len(parts):
+                return None  # deeper than an argument: what reads an argument's dict is unknown
+            takes = _arguments(target)
+            if takes is None or parts[-1] in takes:
+                return None
+            return f"{target.rsplit('.', 1)[-1]} takes no argument {parts[-1]}"
+    if forced and _declared(key):
+        return None  # ++key=value on a key the config files have: an ordinary override
+    return ""
+
+
+def _arguments(target: str) -> set[str] | None:
+    """The keyword arguments `target` (a class or function, by import path) takes; None when it
+    cannot be told (not importable, or `**kwargs` that reach no named parameter)."""
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - building the node reports it, with the config group's name
+        return None
+    chain = (
+        [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)]
+        if inspect.isclass(obj)
+        else [obj]
+    )
+    names: set[str] = set()
+    for fn in chain:  # a class's **kwargs go to its base's __init__ (as the trainers' do)
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _declared(key: str) -> bool:
+    """Whether dlrun's root config file (configs/train.yaml) itself has `key`."""
+    root = OmegaConf.load(Path(CONFIG_DIR) / f"{CONFIG_NAME}.yaml")
+    return (
+        OmegaConf.select(root, key, default=_ABSENT, throw_on_resolution_failure=False)
+        is not _ABSENT
+    )
+
+
+def _refusal(cfg: DictConfig, key: str, given: str, why: str) -> str:
+    """'no part of dlrun reads lr (+lr=0.1); did you mean optim.lr=0.1?'"""
+    rest: Any = OmegaConf.to_container(cfg, resolve=False)
+    parent = rest
+    for part in key.split(".")[:-1]:
+        parent = parent[part]
+    parent.pop(key.split(".")[-1], None)  # the added key itself is not what was meant
+    meant = closest_key(key, rest) or nested_key(key, rest)
+    value = given.split("=", 1)[1] if "=" in given else ""
+    line = f"no part of dlrun reads {key} ({given.strip()}{': ' + why if why else ''})"
+    return f"{line}; did you mean {meant}={value}?" if meant else line
