@@ -135,7 +135,7 @@ def test_a_long_cpu_evaluation_says_what_it_will_take(
         "evaluating 10000 test images: about 2m10s on cpu "
         "(data.eval_subset=2000 evaluates fewer, about 26s)"
     )
-    assert said[1].startswith("evaluating test: 24/100 batches, 0.8 batches/s, ETA 1m39s")
+    assert said[1].startswith("evaluating test: 24/100 batches, 0.77 batches/s, ETA 1m39s")
     assert len(said) == 1 + 4 and paused == [pytest.approx(130.0)]
 
 

@@ -106,9 +106,10 @@ class Heartbeat:
 
     def line(self) -> str:
         rate = self.done / max(self.elapsed(), 1e-9)
+        shown = f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"  # 0.077 batches/s, not 0.1
         of = f"/{self.total}" if self.total else ""
         return (
-            f"{self.what}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s, "
+            f"{self.what}: {self.done}{of} {self.unit}, {shown} {self.unit}/s, "
             f"ETA {duration(self.eta())}"
         )
 
