@@ -13,23 +13,26 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrun.config import checks, migrations, resume
+from dlrun.config import checks, from_checkpoint, migrations, resume
 from dlrun.config.compose import CONFIG_DIR
 from dlrun.config.explain import error_line
-from dlrun.engine import dist, progress
+from dlrun.data import described
+from dlrun.data.described import DescribedData
+from dlrun.engine import checkpoint, dist, progress
 from dlrun.engine.guards import Interrupted
 from dlrun.engine.hooks import Hook, builtin
 from dlrun.engine.loop import Trainer
 from dlrun.engine.tb import hparams_of
 from dlrun.errors import UserError
-from dlrun.launch import cluster, process, rundir, sweep
+from dlrun.launch import cluster, mode_dir, process, rundir, sweep
 from dlrun.models import without_pretrained
 
 log = logging.getLogger("dlrun")
+SPLITS = ("train", "val", "test")
 OmegaConf.register_new_resolver("unique_dir", rundir.unique_dir, replace=True)
 
 
@@ -90,7 +93,7 @@ def build_trainer(
     # The data's preparation says how far it is, as the trainer will (dlrun.engine.progress).
     progress.configure(cfg.trainer.get("log_every_s", 30), cfg.trainer.get("progress"))
     torch.manual_seed(cfg.seed)
-    data = build(cfg.data, "data")
+    data = mode_data(cfg) or build(cfg.data, "data")
     with open_dict(cfg):  # image folders know their class count only once read
         cfg.data.num_classes = data.describe()["num_classes"]
     data.setup(device, cfg.seed, dist.rank())
@@ -122,6 +125,26 @@ def build_trainer(
     resuming = cfg.resume not in (False, None)
     trainer.setup(start_from=cfg.ckpt if cfg.mode == "train" and not resuming else None)
     return trainer
+
+
+def mode_data(cfg: DictConfig) -> DescribedData | None:
+    """For a mode that needs no data set (predict on a folder, export, sample: the trainer's
+    `data_free_modes`), the checkpoint's description of its data; None: build the data set."""
+    if cfg.mode == "train" or not cfg.ckpt:
+        return None
+    try:
+        free = getattr(get_class(str(cfg.trainer._target_)), "data_free_modes", {})
+    except Exception:  # a bad _target_: building the trainer says so
+        return None
+    if cfg.mode not in free:
+        return None
+    option = free[cfg.mode]
+    if option is not None and str(cfg[cfg.mode].get(option) or "test") in SPLITS:
+        return None  # predict.input=test (its default): the split's images are the input
+    stand_in = described.from_checkpoint(checkpoint.load(cfg.ckpt))
+    if stand_in is not None:
+        log.info("mode=%s reads no data set: the checkpoint describes %s", cfg.mode, stand_in.name)
+    return stand_in
 
 
 def callbacks(cfg: DictConfig) -> list[Hook]:
@@ -250,11 +273,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         committed = True
 
     trainer = None
+    choices = dict(hc.runtime.choices)
+    for note in mode_dir.NOTES:  # e.g. a run folder that could not take a mode's results
+        log.warning(note)
     try:
-        run_dir = _latest(cfg, run_dir, dict(hc.runtime.choices))
+        run_dir = _latest(cfg, run_dir, choices)
         if cfg.resume not in (False, None):  # the run's saved values, not today's defaults
             resume.continue_config(cfg, run_dir, list(hc.overrides.task), hc.runtime.choices)
-        trainer = build_trainer(cfg, run_dir, dict(hc.runtime.choices))
+        elif cfg.mode != "train" and cfg.ckpt:  # the checkpoint's model, data and task
+            choices |= from_checkpoint.apply(cfg, cfg.ckpt, list(hc.overrides.task), choices)
+        trainer = build_trainer(cfg, run_dir, choices)
         metrics = _run_mode(trainer, cfg, run_dir, commit)
     except Interrupted as err:  # a stop signal: the checkpoint is written; a sweep stops too
         cluster.after_stop(err.signum)  # in a SLURM job: requeue it (it resumes by itself)
@@ -297,6 +325,10 @@ def main() -> None:
     # resume=true hydra.run.dir=RUN: Hydra composes RUN's own config groups (model=, sched= ...),
     # not the defaults, and records them again in RUN/.hydra/ (dlrun.config.resume).
     sys.argv = [sys.argv[0], *resume.command_with_run(sys.argv[1:])]
+    # mode=M ckpt=<run>/checkpoints/x.pt: the results go to <run>/M/NNN (dlrun.launch.mode_dir).
+    sys.argv = [sys.argv[0], *mode_dir.command_with_mode_dir(sys.argv[1:])]
+    # ... and Hydra composes the checkpoint's own config groups (dlrun.config.from_checkpoint).
+    sys.argv = [sys.argv[0], *from_checkpoint.command_with_checkpoint(sys.argv[1:])]
     try:
         _hydra_main()
         dist.shutdown()

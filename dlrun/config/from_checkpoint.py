@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dlrun.config.migrations import migrate
@@ -39,6 +40,7 @@ MAY_CHANGE = (
     "style.content", "style.style", "teacher.ckpt",
 )  # fmt: skip
 GROUPS = ("model", "data", "loss", "optim", "sched", "trainer")  # compared by what they build
+SKIPPED_GROUPS = ("callbacks", "hparams_search")  # training's alone: a mode composes neither
 _SHOWN = 4  # contradictions listed before "and N more"
 
 
@@ -72,6 +74,40 @@ def _short(flat: Mapping[str, Any], node: str, choice: str | None) -> str:
     return str(target).rsplit(".", 1)[-1] if target else "none"
 
 
+def command_with_checkpoint(args: Sequence[str]) -> list[str]:
+    """`mode=M ckpt=X ...` with X's config groups put first (`model=resnet18 data=cifar10`, the
+    command's own win), so that Hydra composes the checkpoint's model and data, as resume does;
+    any other command as it is. `apply` then sets every value the checkpoint stores."""
+    args = list(args)
+    try:
+        parsed = get_args_parser().parse_args(args)
+    except SystemExit:  # Hydra's own usage error: Hydra reports it
+        return args
+    overrides = list(parsed.overrides or [])
+    mine = {_key(o): o.partition("=")[2] for o in overrides}
+    mode, ckpt = mine.get("mode", "train"), mine.get("ckpt", "").strip("'\"")
+    if parsed.multirun or mode in ("", "train") or not ckpt or not overrides:
+        return args
+    path = Path(ckpt).expanduser()
+    try:
+        state = checkpoint.load(path)
+    except UserError:  # no such file: the mode says so, after Hydra
+        return args
+    groups = {g: c for g, c in saved_choices(state, path).items() if g not in SKIPPED_GROUPS}
+    first = [f"{g}={c}" for g, c in groups.items() if g not in mine]
+    if "hydra.searchpath" not in mine:  # the config folders of one's own its groups came from
+        from dlrun.config.resume import _saved_searchpath
+
+        first += _saved_searchpath(run_folder(path))
+    at = args.index(overrides[0])  # the overrides stay one positional run (argparse)
+    return [*args[:at], *first, *args[at:]]
+
+
+def run_folder(ckpt: Path) -> Path:
+    """The run a checkpoint belongs to: `<run>` of `<run>/checkpoints/x.pt`, else its folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def saved_choices(state: Mapping[str, Any], ckpt: Path) -> dict[str, str]:
     """The checkpoint's config groups (model, data, ...): stored since this change, else the ones
     its run folder's .hydra/hydra.yaml recorded, else none (messages name the `_target_`)."""
@@ -80,8 +116,7 @@ def saved_choices(state: Mapping[str, Any], ckpt: Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in stored.items() if v is not None}
     from dlrun.config.resume import _saved_choices  # the run folder's record
 
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return {k: v for k, v in _saved_choices(run).items() if v is not None}
+    return {k: v for k, v in _saved_choices(run_folder(ckpt)).items() if v is not None}
 
 
 def contradictions(
@@ -160,9 +195,12 @@ def merged(
         elif key not in saved and not _under(key, other):
             out[key] = value  # added since the checkpoint was written: today's default
     top = {k.split(".", 1)[0] for k in now}
+    same_data = _identity(saved, "data") == _identity(now, "data")
     for key, value in saved.items():
         if key in out or _under(key, COMMAND_KEYS) or key.split(".", 1)[0] not in top:
             continue  # a node today's dlrun no longer has is nothing it would read
+        if key == "data.num_classes" and same_data and key not in now:
+            continue  # dlrun's own record of it (cli.build_trainer), not an argument of this data
         if set_here(key) and _under(key, MAY_CHANGE):
             continue
         out[key] = value

@@ -14,6 +14,7 @@ from dlrun.engine.hooks.base import Hooks
 from dlrun.engine.loop_state import Cadence, LoopState
 from dlrun.engine.monitor import Monitor
 from dlrun.engine.progress import EvalBatches
+from dlrun.engine.result_files import ResultFiles
 from dlrun.engine.run_logger import RunLogger
 
 log = logging.getLogger("dlrun.engine.loop")
@@ -87,12 +88,14 @@ class Evaluation:
         self.monitor.update(metrics, bool(about.get("val_is_test")), about.get("holdout_hint"))
 
     def checkpoint(self, evaluate: Evaluate, show: Show, run_dir: Path) -> dict[str, float]:
-        """mode=eval: a checkpoint's test/* (and what its evaluation shows, in `run_dir`'s
-        TensorBoard), said in the log."""
+        """mode=eval: a checkpoint's test/* said in the log, and what its evaluation shows (a
+        confusion matrix) as files in `run_dir`, not TensorBoard events (result_files.py)."""
         metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
-        if dist.is_main():  # what the evaluation shows beyond scalars (a confusion matrix)
-            with SummaryWriter(str(run_dir)) as writer:
-                show(writer, "test")
+        if dist.is_main():
+            with ResultFiles(run_dir) as files:
+                show(files, "test")  # type: ignore[arg-type]
+            if files.written:
+                log.info("wrote %s", ", ".join(p.name for p in files.written))
         log.info(shown(metrics, "test"))
         return metrics
 

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
+from dlrun.data import described
 from dlrun.data.module import check_kind
 from dlrun.engine import checkpoint, dist, introspect, loop_state, run_modes
 from dlrun.engine.evaluation import Evaluation
@@ -28,7 +29,7 @@ from dlrun.engine.run_folder import FORMAT, RunFolder, rank_rngs, restore_rngs
 from dlrun.engine.run_logger import RunLogger
 from dlrun.engine.steps import OptimizerSteps
 from dlrun.engine.stops import Stops
-from dlrun.launch import threads
+from dlrun.launch import mode_dir, threads
 
 __all__ = ["Sums", "Trainer", "batch_items"]
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class Trainer:
     takes_closures: bool = False  # L-BFGS re-evaluates the loss: the task steps by closure
     trains_weights: bool = True  # False (k-NN): `step` is all it trains, no optimizer, no steps
     modes: tuple[str, ...] = ("train", "eval")
+    # Modes that read no data set (data/described.py), by their option naming the input (a
+    # split there reads the data set; None: never).
+    data_free_modes: Mapping[str, str | None] = {}
 
     def __init__(
         self, *, model: nn.Module, data: Any, run_dir: str | Path, device: torch.device,
@@ -138,8 +142,7 @@ class Trainer:
     def log_end(self, writer: SummaryWriter) -> None: ...  # once, as training ends
 
     def log_evaluation(self, writer: SummaryWriter, prefix: str) -> None:
-        """What an evaluation shows beyond its scalars (images, PR curves), written once after
-        them from what `evaluate` kept: `evaluate` may run twice (e.g. with averaged weights)."""
+        """What an evaluation shows beyond scalars (images, PR curves), from what `evaluate` kept."""
 
     def extra_state(self) -> dict[str, Any]:
         """Task state beyond models, optimizers and RNGs that resume needs (e.g. a step counter)."""
@@ -324,6 +327,8 @@ class Trainer:
             "skipped": self.guard.skipped,
             "progress": None if progress is None else vars(progress),
             "num_threads": torch.get_num_threads(),  # CPU float sums depend on it
+            # "data", "choices": what the modes need to build the task without its data set.
+            **described.saved(self.data, getattr(self, "batches_per_epoch", None), self.hparams),
             **hook_state.saved(self.hooks),  # "hooks": each hook's state; "ema": the average
         }
 
@@ -342,9 +347,7 @@ class Trainer:
         if state.get("progress"):  # a mid-epoch checkpoint: its partial sums go back on the device
             self.resumed_progress = EpochProgress(**state["progress"]).on(self.device)
         p, n = self.resumed_progress, self.batches_per_epoch
-        where = (
-            f"epoch {self.epoch + 1}, batch {p.batch} of {n}" if p else f"end of epoch {self.epoch}"
-        )
+        where = f"epoch {self.epoch + 1}, batch {p.batch} of {n}" if p else f"end of epoch {self.epoch}"
         log.info("resumed from %s at step %d (%s)", self.last_path, self.step_count, where)
 
     def write_metrics(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -378,7 +381,8 @@ class Trainer:
         return self.write_metrics(scored)
 
     def output_dir(self, mode: str) -> Path:
-        return self.run_dir / mode
+        """<run>/<mode>/NNN itself (launch/mode_dir.py), or <run_dir>/<mode> of a hydra.run.dir."""
+        return self.run_dir if mode_dir.is_mode_dir(self.run_dir) else self.run_dir / mode
 
     def _open_writer(self) -> None:
         """TensorBoard; a fresh run's header (run_logger.py) and the task's first images."""
