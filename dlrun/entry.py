@@ -35,7 +35,11 @@ def main() -> None:
     if everything:  # Hydra's own help (--config-dir ...) prints every key anyway
         args = [arg for arg in args if arg != HELP_ALL] + ["--help"]
         sys.argv = [sys.argv[0], *args]
-    if any(arg in HELP_FLAGS for arg in args) and fast_help(args, everything):
+    try:
+        if any(arg in HELP_FLAGS for arg in args) and fast_help(args, everything):
+            return
+    except BrokenPipeError:  # `dlrun --help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return
     from dlrun.cli import main as run  # torch, the trainers, @hydra.main: the run itself
 
