@@ -96,7 +96,10 @@ class Evaluation:
                 show(files, "test")  # type: ignore[arg-type]
             if files.written:
                 log.info("wrote %s", ", ".join(p.name for p in files.written))
-        log.info(shown(metrics, "test"))
+        # A task whose scores are all optional (CycleGAN without metrics.fid / metrics.domain)
+        # may have none: say so rather than print an empty line.
+        log.info(shown(metrics, "test") or "no test metrics: this checkpoint's task scores none "
+                 "with its config (a GAN or CycleGAN: metrics.fid.features, metrics.domain.ckpt)")
         return metrics
 
     def test_split(self, evaluate: Evaluate, show: Show, state: LoopState) -> None:
