@@ -11,7 +11,7 @@ the run's logger builds from its own numbers (run_logger.py).
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -223,6 +223,9 @@ class TrainBeat:
         self.clock = Clock(self.every_s)
         self.state, self.length = state, length  # the loop's step; its total once planned
         self.means: dict[str, float] = {}  # the last window's means, host floats
+        # Before the first window (log_every_n_steps) has brought a loss to the host: this
+        # rank's running loss, read off the device once per line (steps.py sets it per epoch).
+        self.peek: Callable[[], dict[str, float]] | None = None
         self.mark: tuple[float, int, int] | None = None  # (time, step, items) of the last line
         self.items, self.paused = 0, 0.0
 
@@ -251,8 +254,9 @@ class TrainBeat:
         steps = step - step0
         total = getattr(self.length, "total_steps", step)  # RunLength.plan sets it
         eta = (total - step) * span / steps if steps > 0 else math.inf
-        losses = {k: v for k, v in self.means.items() if k == "loss"} or {
-            k: v for k, v in self.means.items() if k.startswith("loss")
+        means = self.means or (self.peek() if self.peek is not None else {})
+        losses = {k: v for k, v in means.items() if k == "loss"} or {
+            k: v for k, v in means.items() if k.startswith("loss")
         }
         shown = "".join(f"{k}={v:.4f}, " for k, v in losses.items())
         rate = (self.items - items0) / span

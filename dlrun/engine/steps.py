@@ -58,6 +58,7 @@ class OptimizerSteps:
         n_batches, skip = len(loader), self.guard.policy == "skip"
         hooked = self.trains_weights and bool(self.hooks)  # no hooks: no per-step work for them
         batches = loader.iterate(p.position if p.batch else None)
+        self.logger.beat.peek = lambda: running_losses(p)  # a progress line before a window
         for batch in self.logger.bar(batches, n_batches, p.batch, desc):
             if state.step >= max_steps:
                 return
@@ -114,3 +115,15 @@ class OptimizerSteps:
         p.seen += p.window_seen
         p.fold()
         return self.elapsed()
+
+
+def running_losses(p: EpochProgress) -> dict[str, float]:
+    """This rank's mean of each loss term since the epoch's last logging point (the current
+    window), read off the device: what a progress line shows before the first window's means
+    (one host sync per line, every trainer.log_every_s seconds; no collective: rank 0 alone)."""
+    out = {}
+    for k, v in p.window.items():
+        n = float(p.window_counts[k])
+        if k.startswith("loss") and n > 0:
+            out[k] = float(v) / n
+    return out
