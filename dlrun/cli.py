@@ -119,7 +119,7 @@ def build_trainer(
         seed=cfg.seed,
         model_spec=record["model"],
         freeze=cfg.get("freeze"),
-        hooks=[*hooks, *callbacks(cfg)],
+        hooks=[*hooks, *callbacks(cfg), *sweep.trial_hooks()],  # a sweeper's (Optuna: pruning)
     )
     trainer.check_mode(cfg.mode, cfg.ckpt, mode_options(cfg))
     resuming = cfg.resume not in (False, None)

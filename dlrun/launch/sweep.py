@@ -2,8 +2,10 @@
 
 import csv
 import hashlib
+import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ log = logging.getLogger("dlrun")
 FAILED = "failed.json"  # in a failed job's folder: its exit code, error and overrides
 SUMMARY = "summary"  # <sweep>/summary.csv and summary.md: every job's overrides, status, metrics
 SHOWN = ("val/", "test/")  # the metrics a summary lists, besides step and training time
+PRUNED = "pruned.json"  # in a trial's folder that the sweeper's pruner stopped early
+TRIAL_HOOK = "DLRUN_TRIAL_HOOK"  # module:Class of a hook a sweeper runs in each of its jobs
 
 
 def in_multirun() -> bool:
@@ -49,6 +53,17 @@ def first_in_sweep(message: str) -> bool:
     except OSError:  # no record possible: warn rather than stay silent
         return True
     return True
+
+
+def trial_hooks() -> list[Any]:
+    """The hook a sweeper asks each job to run (dlrun's Optuna sweeper: its pruning), named by
+    DLRUN_TRIAL_HOOK=module:Class, which the sweeper sets per job (hydra.job.env_set), so that it
+    reaches a job in another process or on another node; built without arguments."""
+    spec = os.environ.get(TRIAL_HOOK)
+    if not spec or not in_multirun():
+        return []
+    module, _, name = spec.partition(":")
+    return [getattr(importlib.import_module(module), name)()]
 
 
 def record_failure(run_dir: Path, err: UserError) -> None:
@@ -146,6 +161,8 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             row["status"] = f"failed (exit {record.get('exit_code')})"
         else:
             row["status"] = "ok" if metrics else "incomplete"
+            if metrics and (job / PRUNED).exists():  # stopped early by the Optuna pruner
+                row["status"] = "pruned"
         row["step"] = metrics.get("step")
         row["time/train_s"] = metrics.get("time/train_s")
         row |= {k: v for k, v in sorted(metrics.items()) if k.startswith(SHOWN)}
