@@ -7,9 +7,19 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-# The configs live beside the package (DESIGN section 2); an editable install keeps that layout.
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+def _config_dir() -> Path:
+    """dlrun's configs: an installed wheel's dlrun/configs/ (setup.py copies them there), else the
+    checkout's configs/ beside the package (an editable install; DESIGN section 2)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"
+    return (
+        installed if (installed / f"{CONFIG_NAME}.yaml").is_file() else package.parent / "configs"
+    )
+
+
 CONFIG_NAME = "train"
+CONFIG_DIR = str(_config_dir())
 
 
 def composed(overrides: list[str]) -> tuple[DictConfig, dict[str, list[str]]]:
