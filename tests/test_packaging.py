@@ -116,3 +116,21 @@ def test_an_unpacked_wheel_reads_its_own_configs(wheel: Path, tmp_path: Path) ->
     )
     assert run.returncode == 0, run.stderr
     assert "Usage: dlrun" in run.stdout and "lenet" in run.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dlrun/models/siamese.py: ZOO = parents[2]/configs/model, site-packages/configs in a "
+    "wheel (model=siamese: 'use one of: .'); it should find configs as compose.CONFIG_DIR does",
+)
+def test_an_unpacked_wheel_finds_the_siamese_backbone_zoo(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    code = "from dlrun.models.siamese import ZOO; print(ZOO)"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == site / "dlrun" / "configs" / "model"
