@@ -73,7 +73,7 @@ def hand_made() -> tuple[list[dict], list[dict]]:
 
 
 def test_agrees_with_pycocotools_cocoeval() -> None:
-    need_extra("pycocotools", "detection")
+    need_extra("pycocotools", "test")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

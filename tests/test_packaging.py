@@ -118,11 +118,6 @@ def test_an_unpacked_wheel_reads_its_own_configs(wheel: Path, tmp_path: Path) ->
     assert "Usage: dlrun" in run.stdout and "lenet" in run.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dlrun/models/siamese.py: ZOO = parents[2]/configs/model, site-packages/configs in a "
-    "wheel (model=siamese: 'use one of: .'); it should find configs as compose.CONFIG_DIR does",
-)
 def test_an_unpacked_wheel_finds_the_siamese_backbone_zoo(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:

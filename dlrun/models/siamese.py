@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from dlrun.errors import UserError
 
-ZOO = Path(__file__).resolve().parents[2] / "configs" / "model"
+# The model configs: dlrun/configs/model in an installed wheel, configs/model in a checkout (as
+# dlrun.config.compose finds CONFIG_DIR; models import no config module).
+_HERE = Path(__file__).resolve()
+ZOO = next(
+    (p / "configs" / "model" for p in (_HERE.parents[1], _HERE.parents[2])
+     if (p / "configs" / "model").is_dir()),
+    _HERE.parents[2] / "configs" / "model",
+)  # fmt: skip
 NOT_BACKBONES = ("siamese", "pseudo_siamese", "knn", "gan", "dcgan", "cyclegan")
 
 
