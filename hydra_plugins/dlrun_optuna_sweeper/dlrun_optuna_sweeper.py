@@ -1,17 +1,18 @@
-"""`hydra/sweeper=dlrun_optuna`: Hydra's Optuna sweeper, made to resume an interrupted search.
+"""`hydra/sweeper=dlrun_optuna`: dlrun's Optuna (4 or newer) sweeper: ask-and-tell trials run
+by Hydra's launcher, a study that a rerun continues, samplers and pruners by name, SQLite or
+journal-file storage (several search processes on one study).
 
 Hydra imports every module of `hydra_plugins` at start-up, in every dlrun run: this one imports
-neither Optuna nor the Optuna sweeper (absent without the `sweep` extra), only `_resume` does,
-once a search starts (modules named `_*` are not scanned).
+neither Optuna nor torch (Optuna is absent without the `sweep` extra); `_search` does, once a
+search starts (modules named `_*` are not scanned). `_space`: params as distributions; `_study`:
+storage, sampler, pruner, interrupted trials; `_pruning`: the hook each trial's job runs.
 """
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -41,57 +42,55 @@ def monitor_direction(config: DictConfig) -> tuple[str | None, str | None]:
 
 
 class DlrunOptunaSweeper(Sweeper):
-    """The Optuna sweeper's settings (hydra.sweeper.*); see `_resume.ResumingOptunaSweeperImpl`."""
+    """hydra.sweeper.* (configs/hydra/sweeper/dlrun_optuna.yaml); the search is `_search.Search`."""
 
     def __init__(
         self,
-        sampler: Any,
-        direction: Any,
-        storage: str | None,
-        study_name: str | None,
-        n_trials: int,
-        n_jobs: int,
-        max_failure_rate: float,
-        search_space: DictConfig | None,
-        custom_search_space: str | None,
-        params: DictConfig | None,
+        sampler: Any = "tpe",
+        direction: str = "maximize",
+        storage: str | None = None,
+        study_name: str | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        max_failure_rate: float = 0.0,
+        search_space: DictConfig | None = None,
+        custom_search_space: str | None = None,
+        params: DictConfig | None = None,
+        pruner: Any = "none",
     ) -> None:
-        try:
-            from ._resume import ResumingOptunaSweeperImpl
-        except ImportError as err:
+        for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise user_error(f"hydra.sweeper.{key} must be a positive integer, got {value}.")
+        direction = str(getattr(direction, "name", direction)).lower()
+        if direction not in DIRECTIONS.values():
             raise user_error(
-                f"hparams_search needs Optuna and Hydra's Optuna sweeper ({err}): install them "
-                "with pip install -e '.[sweep]'."
-            ) from None
-        if not isinstance(n_trials, int) or n_trials < 1:
-            raise user_error(f"hydra.sweeper.n_trials must be a positive integer, got {n_trials}.")
-        # The config says _recursive_: false, so that a missing Optuna is the message above and
-        # not a failed import of the sampler's class; the sampler is built here instead.
-        if isinstance(sampler, Mapping):  # a DictConfig is one
-            sampler = instantiate(sampler)
-        self.sweeper = ResumingOptunaSweeperImpl(
-            sampler,
-            direction,
-            storage,
-            study_name,
-            n_trials,
-            n_jobs,
-            max_failure_rate,
-            search_space,
-            custom_search_space,
-            params,
-        )
+                f"hydra.sweeper.direction must be maximize or minimize, got {direction}."
+            )
+        self.settings = dict(
+            sampler=sampler, direction=direction, storage=storage, study_name=study_name,
+            n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=float(max_failure_rate),
+            search_space=search_space, custom_search_space=custom_search_space, params=params,
+            pruner=pruner,
+        )  # fmt: skip
+        self.search: Any = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.check(config)
-        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        try:
+            from ._search import Search
+        except ImportError as err:
+            raise user_error(
+                f"hparams_search needs Optuna 4 or newer ({err}): install it with "
+                "pip install -e '.[sweep]'."
+            ) from None
+        self.search = Search(self.settings, hydra_context, task_function, config)
 
     def check(self, config: DictConfig) -> None:
         """Before any trial: a direction that would seek the monitor's worst value is an error,
         and trials scored on the test split are a warning."""
-        direction = self.sweeper.direction
+        direction = self.settings["direction"]
         monitor, expected = monitor_direction(config)
         if monitor is None:
             raise user_error(
@@ -99,10 +98,8 @@ class DlrunOptunaSweeper(Sweeper):
                 "trainer.monitor (e.g. trainer.monitor=val/acc trainer.monitor_mode=max for a "
                 "classifier, trainer.monitor=val/fid for a GAN or CycleGAN)."
             )
-        given = getattr(
-            direction, "name", direction
-        )  # the Optuna sweeper's Direction enum, or a str
-        if isinstance(given, str) and expected is not None and given != expected:
+        given = direction
+        if expected is not None and given != expected:
             mode = OmegaConf.select(config, "trainer.monitor_mode")
             raise user_error(
                 f"hydra.sweeper.direction={given} disagrees with trainer.monitor_mode={mode} "
@@ -117,7 +114,7 @@ class DlrunOptunaSweeper(Sweeper):
             )  # fmt: skip
 
     def sweep(self, arguments: list[str]) -> None:
-        return self.sweeper.sweep(arguments)
+        self.search.run(arguments)
 
 
 def test_split_hint(config: DictConfig) -> tuple[str, str] | None:
@@ -129,13 +126,24 @@ def test_split_hint(config: DictConfig) -> tuple[str, str] | None:
     """
     data = config.get("data") or {}
     if "val_split" in data:
-        metric = str(OmegaConf.select(config, "trainer._target_", default="")).endswith("MetricTrainer")
+        metric = str(OmegaConf.select(config, "trainer._target_", default="")).endswith(
+            "MetricTrainer"
+        )
         if data.val_split or metric:
             return None
-        return "data.val_split is 0", "set data.val_split=0.1 (or a count) to score them on images held out of training"
+        return (
+            "data.val_split is 0",
+            "set data.val_split=0.1 (or a count) to score them on images held out of training",
+        )
     if "val_scenes" in data:
         if data.val_scenes:
             return None
-        return "data.val_scenes is 0", "set data.val_scenes=1000 to score them on scenes of held-out training digits"
+        return (
+            "data.val_scenes is 0",
+            "set data.val_scenes=1000 to score them on scenes of held-out training digits",
+        )
     name = data.get("name", "this data set")
-    return f"{name} has no validation split", "tune on a data set that holds images out (data=unpaired_folder with test folders cut from training)"
+    return (
+        f"{name} has no validation split",
+        "tune on a data set that holds images out (data=unpaired_folder with test folders cut from training)",
+    )
