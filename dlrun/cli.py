@@ -22,7 +22,7 @@ from dlrun.config.compose import CONFIG_DIR
 from dlrun.config.explain import error_line
 from dlrun.data import described
 from dlrun.data.described import DescribedData
-from dlrun.engine import checkpoint, dist, progress
+from dlrun.engine import checkpoint, dist, loggers, progress
 from dlrun.engine.guards import Interrupted
 from dlrun.engine.hooks import Hook, builtin
 from dlrun.engine.loop import Trainer
@@ -119,7 +119,8 @@ def build_trainer(
         seed=cfg.seed,
         model_spec=record["model"],
         freeze=cfg.get("freeze"),
-        hooks=[*hooks, *callbacks(cfg), *sweep.trial_hooks()],  # a sweeper's (Optuna: pruning)
+        hooks=[*hooks, *callbacks(cfg), *sweep.trial_hooks(),  # a sweeper's (Optuna: pruning)
+               *loggers.build(cfg.get("logger"), Path(run_dir), choices or {}, cfg.mode)],
     )
     trainer.check_mode(cfg.mode, cfg.ckpt, mode_options(cfg))
     resuming = cfg.resume not in (False, None)

@@ -45,7 +45,7 @@ TRAINER_MODES: dict[str, tuple[str, ...]] = {
     "dlrun.tasks.style.trainer.StyleTrainer": ("train", "eval"),
 }
 # Read by dlrun.cli for every task (the weights the modes load), not through an interpolation.
-ALWAYS_READ = ("eval.weights",)
+ALWAYS_READ = ("eval.weights", "logger")  # logger: a multi-select group, not in the choices
 ANY_MODE = "eval | the task's others (sample, translate, embed, verify, predict, export)"
 COMMENT_COLUMN = 40  # descriptions start here (or two spaces after a longer `key: value`)
 

@@ -3,7 +3,7 @@
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -12,6 +12,9 @@ from dlrun.engine import dist
 from dlrun.engine.loop_state import LoopState, RunLength
 from dlrun.engine.progress import TrainBeat, open_bar
 from dlrun.engine.tb import Writer, log_config, log_hparams, log_layout
+
+if TYPE_CHECKING:
+    from dlrun.engine.loggers import Loggers
 
 log = logging.getLogger("dlrun.engine.loop")  # the loop's lines, under the loop's name
 TB_TAGS = {"epoch": "time/epoch"}  # metrics.json key -> TensorBoard tag, where they differ
@@ -35,6 +38,9 @@ class RunLogger:
         self.writer: SummaryWriter | None = None
         self.pbar: Any = None
         self.size = "?"  # the model's parameters and FLOPs, as `open` was told
+        # The `logger` group's other loggers (csv, mlflow, wandb: engine/loggers/), fed from the
+        # places that feed TensorBoard; set by their hook's setup, None without any.
+        self.loggers: Loggers | None = None
 
     def open(self, step: int, model: str, params: int, flops: int) -> SummaryWriter | None:
         """Say what trains; the writer (rank 0): at `step`, it drops the events a killed run
@@ -47,6 +53,8 @@ class RunLogger:
         old_events = any(self.run_dir.glob("events.out.tfevents.*"))
         # Writer: also writes the loss and the monitor under the groups TensorBoard opens first
         self.writer = Writer(str(self.run_dir), purge_step=step if old_events else None)
+        if self.loggers is not None:
+            self.loggers.start(step)
         return self.writer
 
     def header(
@@ -67,6 +75,8 @@ class RunLogger:
         log_layout(self.writer, monitor)
         # Text, not scalars: two constant one-point charts would open TensorBoard's view.
         self.writer.add_text("model", self.size, 0)
+        if self.loggers is not None:
+            self.loggers.log_params(record)
 
     def bar(self, batches: Iterable[Any], total: int, initial: int, desc: str) -> Any:
         """The epoch's batches through the bar, or (no bar showing) through the timed lines."""
@@ -84,6 +94,9 @@ class RunLogger:
                 self.writer.add_scalar(f"train/{k}_step", v, step)
             if lr is not None:
                 self.writer.add_scalar("train/lr", lr, step)
+        if self.loggers is not None:
+            lr_tag = {} if lr is None else {"train/lr": lr}
+            self.loggers.log_metrics({f"train/{k}_step": v for k, v in means.items()} | lr_tag, step)
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{means.get('loss', 0):.4f}", img_s=f"{rate:.0f}")
 
@@ -92,6 +105,8 @@ class RunLogger:
         if self.writer is not None:
             for tag, value in metrics.items():  # "epoch" as time/epoch: a chart among the times
                 self.writer.add_scalar(TB_TAGS.get(tag, tag), value, state.step)
+        if self.loggers is not None:  # under the metrics.json names
+            self.loggers.log_metrics(metrics, state.step)
         state.metrics.update(metrics)
         if any(k.startswith("val/") for k in metrics):
             shown = ", ".join(
