@@ -60,14 +60,16 @@ def test_a_killed_search_ends_with_n_trials_finished(
         first.send_signal(signal.SIGKILL)  # no handler runs: as the OOM killer or a lost node
         first.wait()
     storage = f"sqlite:///{sweep / 'optuna.db'}"
-    states = [t.state.name for t in optuna.load_study("lenet_mnist", storage).trials]
+    states = [
+        t.state.name for t in optuna.load_study(study_name="lenet_mnist", storage=storage).trials
+    ]
     assert states == ["COMPLETE", "COMPLETE", "RUNNING"], log.read_text()[-2000:]  # killed in #3
     before = {job: (job_folder(sweep, job) / "metrics.json").read_bytes() for job in (0, 1)}
 
     done = dlrun(*args, data=data_root, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Resuming study lenet_mnist" in done.stdout and "2 of 4 trials finished" in done.stdout
-    trials = optuna.load_study("lenet_mnist", storage).trials
+    trials = optuna.load_study(study_name="lenet_mnist", storage=storage).trials
     assert [t.state.name for t in trials] == [
         "COMPLETE",
         "COMPLETE",
@@ -90,7 +92,7 @@ def test_a_killed_search_ends_with_n_trials_finished(
     again = dlrun(*args, data=data_root, cwd=tmp_path)  # finished: nothing more runs
     assert again.returncode == 0, again.stderr
     assert "already has 4 finished trials" in again.stdout
-    assert len(optuna.load_study("lenet_mnist", storage).trials) == 5
+    assert len(optuna.load_study(study_name="lenet_mnist", storage=storage).trials) == 5
 
 
 def test_a_direction_against_the_monitor_is_refused(
