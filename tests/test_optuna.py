@@ -157,8 +157,13 @@ def test_each_sampler_builds_by_name_with_its_seed(optuna: ModuleType, name: str
     sampler = make_sampler({"name": name, "seed": 3}, None, space)
     assert type(sampler).__name__.lower().startswith(name)
     study = optuna.create_study(sampler=sampler, direction="maximize")
-    trial = study.ask(space)
-    study.tell(trial, 1.0)
+    for _ in range(6):  # the grid's every point, and one more of the others
+        trial = study.ask(space)
+        study.tell(trial, float(trial.params["c"]))
+        if name == "grid" and sampler.is_exhausted(study):
+            break
+    assert len(study.trials) == 6  # 2 x 3 grid points, each once
+    assert name != "grid" or len({tuple(t.params.values()) for t in study.trials}) == 6
     again = make_sampler(name, 3, space)  # hydra.sweeper.sampler=NAME: the run's seed
     assert type(again) is type(sampler)
     assert type(make_pruner("median")).__name__ == "MedianPruner"

@@ -77,7 +77,16 @@ def make_sampler(node: Any, seed: int | None, space: Space) -> optuna.samplers.B
         args["seed"] = seed  # hydra.sweeper.sampler=random: the run's seed
     if name == "grid":
         args["search_space"] = grid(space)
+        return _build(Grid, args, "sampler=grid")
     return _build(getattr(optuna.samplers, SAMPLERS[name]), args, f"sampler={name}")
+
+
+class Grid(optuna.samplers.GridSampler):
+    """Optuna's grid, which the search stops itself once `is_exhausted` (Optuna's own would call
+    study.stop(), which only study.optimize allows: the last tell would fail)."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        pass
 
 
 def make_pruner(node: Any) -> optuna.pruners.BasePruner:
