@@ -40,7 +40,8 @@ PROBES = RESULTS.with_name("zoo_probes.jsonl")
 CLASSIFIER = "dlrun.tasks.classification.trainer.ClassificationTrainer"
 # Classifier configs this benchmark cannot run as they stand: knn (no training steps; its own
 # trainer anyway) and timm (needs model.name and the timm extra).
-LEFT_OUT = {"knn": "no training steps", "timm": "needs model.name and the timm extra"}
+LEFT_OUT = {"knn": "no training steps", "timm": "needs model.name and the timm extra",
+            "torchvision": "needs model.name (any torchvision classifier)"}
 WINDOW = 20  # steps averaged at each end of the loss curve
 STEPS = 200  # each network's run length, but those of LONGER
 # Networks that run longer than STEPS, and why. lenet keeps train.yaml's Adam with one-cycle to

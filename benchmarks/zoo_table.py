@@ -36,6 +36,7 @@ def main() -> None:
 # Classifier configs this table cannot build as they are: why.
 NOT_HERE = {
     "timm": "needs model.name=<a timm network>",
+    "torchvision": "needs model.name=<a torchvision classifier>",
     "knn": "no parameters: a nearest-neighbour classifier",
     "rnn": "reads rows or pixels as a sequence (data=seq_mnist)",
     "lstm": "reads rows or pixels as a sequence (data=seq_mnist)",

@@ -192,11 +192,6 @@ def test_ckpt_torchvision_weights_still_load_into_the_same_network(
     assert ours["head.weight"].shape == (10, 512)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UserError,
-    reason="dlrun.models.without_pretrained must also set model.weights=null (model=torchvision)",
-)
 def test_eval_rebuilds_without_the_cache_file(
     make_cfg: Callable, tmp_path: Path, cached: dict[str, torch.Tensor], torch_home: Path
 ) -> None:

@@ -26,6 +26,8 @@ def without_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
     or file first (model=timm), so that evaluating or resuming works offline."""
     if kwargs.get("pretrained"):
         kwargs = {**kwargs, "pretrained": False, "weights_file": None}
+    if str(kwargs.get("_target_", "")).endswith("torchvision_hub.torchvision_model"):
+        kwargs = {**kwargs, "weights": None}  # model=torchvision: the same network, no cache file
     return kwargs
 
 
