@@ -6,7 +6,6 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -374,7 +373,7 @@ def test_the_recipe_sets_no_monitor_and_a_search_needs_one(h2z_cfg) -> None:
     cfg = h2z_cfg("model=cyclegan", "data=horse2zebra")
     assert cfg.trainer.monitor is None and cfg.trainer.monitor_mode == "auto"
     sweeper = object.__new__(DlrunOptunaSweeper)  # its settings only: no Optuna study
-    sweeper.sweeper = SimpleNamespace(direction="minimize")
+    sweeper.settings = {"direction": "minimize"}
     with pytest.raises(Failed, match="trainer.monitor is null, so the trials return nothing"):
         sweeper.check(cfg)
     fid = h2z_cfg("model=cyclegan", "data=horse2zebra", "trainer.monitor=val/fid")
