@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from dlrun.data.transforms import Normalize
+from dlrun.data.transforms import Normalize, per_channel
 from dlrun.engine import checkpoint
 from dlrun.errors import UserError
 from dlrun.models import instantiate_model, model_kwargs
@@ -118,7 +118,8 @@ def load(
     data = cfg["data"]
     channels = int(data["channels"])
     preprocess = Preprocess(
-        channels, int(data["image_size"]), _per_channel(data, "mean"), _per_channel(data, "std"),
+        channels, int(data["image_size"]),
+        per_channel(data["mean"], channels), per_channel(data["std"], channels),
         class_names(state, int(data.get("num_classes") or 0)),
     )  # fmt: skip
     return net.to(torch.device(device)).eval(), preprocess
@@ -132,8 +133,3 @@ def class_names(state: Mapping[str, Any], k: int) -> list[str]:
     k = max(k, int(about.get("num_classes") or 0), len(named))
     return [named[i] if i < len(named) else str(i) for i in range(k)]
 
-
-def _per_channel(data: Mapping[str, Any], key: str) -> list[float]:
-    value = data[key]
-    values = [float(value)] if isinstance(value, int | float) else [float(v) for v in value]
-    return values * int(data["channels"]) if len(values) == 1 else values

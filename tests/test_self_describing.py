@@ -18,6 +18,7 @@ from PIL import Image
 import dlrun
 from dlrun.cli import run
 from tests.fixtures import CIFAR_CLASSES
+from tests.test_resume_config import dlrun as dlrun_cli  # `dlrun` in this process
 
 V1 = Path(__file__).parent / "data" / "v1"
 RUN_81F06B5 = Path(__file__).parent / "data" / "run_81f06b5"
@@ -51,21 +52,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
         run(cfg, run_dir, {"model": "lenet", "data": "cifar10"})  # the groups Hydra records
     GlobalHydra.instance().clear()
     return run_dir
-
-
-def dlrun_cli(*args: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
-    """`dlrun <args>` in this process: exit code, stdout (the log), stderr (errors)."""
-    from dlrun.cli import main
-
-    monkeypatch.setattr("sys.argv", ["dlrun", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def pictures(folder: Path) -> Path:

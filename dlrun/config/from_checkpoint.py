@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dlrun.config.compose import command_line, override_key
 from dlrun.config.migrations import migrate
 from dlrun.engine import checkpoint
 from dlrun.errors import UserError
@@ -48,10 +48,6 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
-
-
 def saved_config(state: Mapping[str, Any]) -> dict[str, Any] | None:
     """A checkpoint's config as dotted keys under today's names; None when it stores none."""
     saved = state.get("config")
@@ -79,12 +75,10 @@ def command_with_checkpoint(args: Sequence[str]) -> list[str]:
     command's own win), so that Hydra composes the checkpoint's model and data, as resume does;
     any other command as it is. `apply` then sets every value the checkpoint stores."""
     args = list(args)
-    try:
-        parsed = get_args_parser().parse_args(args)
-    except SystemExit:  # Hydra's own usage error: Hydra reports it
+    line = command_line(args)
+    if line is None:  # Hydra's own usage error: Hydra reports it
         return args
-    overrides = list(parsed.overrides or [])
-    mine = {_key(o): o.partition("=")[2] for o in overrides}
+    parsed, overrides, mine = line
     mode, ckpt = mine.get("mode", "train"), mine.get("ckpt", "").strip("'\"")
     if parsed.multirun or mode in ("", "train") or not ckpt or not overrides:
         return args
@@ -130,7 +124,7 @@ def contradictions(
     asks for something else than the checkpoint holds."""
     found: list[str] = []
     for override in overrides:
-        key = _key(override)
+        key = override_key(override)
         if key.startswith("hydra") or override.startswith("~") or _under(key, MAY_CHANGE):
             continue
         if key in GROUPS:  # model=resnet18: compare what the two configs build
@@ -235,7 +229,7 @@ def apply(
             f"{'it' if len(found) == 1 else 'them'} out (the mode's own options, data.root, "
             "data.eval_subset and device may be given), or train a new run."
         )
-    given = [_key(o) for o in overrides if not _key(o).startswith("hydra")]
+    given = [override_key(o) for o in overrides if not override_key(o).startswith("hydra")]
     flat = merged(saved, now_raw, now, given)
     with open_dict(cfg):
         for top, node in _nest(flat).items():

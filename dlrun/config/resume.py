@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, OmegaConf
 
+from dlrun.config.compose import command_line, override_key
 from dlrun.config.migrations import migrate, moved_target, new_name
 from dlrun.engine import checkpoint
 from dlrun.engine.run_folder import NEUTRAL, RESUMABLE_CHANGES
@@ -30,11 +30,6 @@ from dlrun.errors import UserError
 
 log = logging.getLogger("dlrun")
 _SHOWN = 6  # contradictions a refusal lists before "and N more"
-
-
-def _key(override: str) -> str:
-    """The dotted key (or config group) of a command-line override: `+a.b=1`, `~a.b` -> `a.b`."""
-    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
 
 
 def _saved_choices(run_dir: Path) -> dict[str, str | None]:
@@ -60,7 +55,7 @@ def _saved_searchpath(run_dir: Path) -> list[str]:
         hydra_overrides = saved["hydra"]["overrides"]["hydra"] or []
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return []
-    return [str(o) for o in hydra_overrides if _key(str(o)) == "hydra.searchpath"]
+    return [str(o) for o in hydra_overrides if override_key(str(o)) == "hydra.searchpath"]
 
 
 def _migrated_override(override: str) -> str:
@@ -77,12 +72,10 @@ def command_with_run(args: Sequence[str]) -> list[str]:
     command's own win); any other command as it is. A sweep (-m) keeps its own: its jobs' folders
     are named only once Hydra runs them (continue_config then names a group that differs)."""
     args = list(args)
-    try:
-        parsed = get_args_parser().parse_args(args)
-    except SystemExit:  # Hydra's own usage error: Hydra reports it
+    line = command_line(args)
+    if line is None:  # Hydra's own usage error: Hydra reports it
         return args
-    overrides = list(parsed.overrides or [])
-    mine = {_key(o): o.partition("=")[2] for o in overrides}
+    parsed, overrides, mine = line
     if parsed.multirun or str(mine.get("resume", "")).lower() != "true":
         return args
     run_dir = Path(mine.get("hydra.run.dir", "") or "/nonexistent")
@@ -96,8 +89,8 @@ def command_with_run(args: Sequence[str]) -> list[str]:
     run += [_migrated_override(str(o)) for o in saved] + _saved_searchpath(run_dir)
     first: dict[str, str] = {}
     for override in run:  # one per key: the last (overrides.yaml after the choices; they agree)
-        first.pop(_key(override), None)
-        first[_key(override)] = override
+        first.pop(override_key(override), None)
+        first[override_key(override)] = override
     # A key the command gives wins, over every key under it too (data=cifar10 drops the run's
     # data.batch_size=20: refused as a new data set, rather than as a key cifar10 lacks).
     prefix = [o for k, o in first.items() if not any(k == m or k.startswith(m + ".") for m in mine)]
@@ -130,7 +123,7 @@ def continue_config(
     was_raw = {k: v for k, v in NEUTRAL.items() if k not in saved_raw} | saved_raw
     was = {k: v for k, v in NEUTRAL.items() if k not in saved} | saved
     now_raw, now = _containers(cfg)
-    given = [_key(o) for o in overrides if not _key(o).startswith("hydra")]
+    given = [override_key(o) for o in overrides if not override_key(o).startswith("hydra")]
     groups = {k for k in given if "/" in k or k in choices}
     explicit = [k for k in given if k not in groups]
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlrun.data.transforms import per_channel
 from dlrun.errors import UserError
 
 GROUPS = ("model", "data", "loss", "optim", "sched")  # the config groups a checkpoint names
@@ -104,8 +105,8 @@ class DescribedData:
         self.eval_batch_size = int(stored.get("eval_batch_size") or 1)
         self.batches_per_epoch = stored.get("batches_per_epoch") or 1
         c = int(self.about["input_shape"][0])
-        self.mean = _per_channel(stored.get("mean"), c, 0.0)
-        self.std = _per_channel(stored.get("std"), c, 1.0)
+        self.mean = per_channel(stored.get("mean"), c, 0.0)
+        self.std = per_channel(stored.get("std"), c, 1.0)
         self.offers = {"normalization": self}
         self.device = torch.device("cpu")
 
@@ -137,17 +138,11 @@ class DescribedData:
         """`n` uniform noise images (seeded: the same on every call), normalised as asked."""
         c, h, w = (int(s) for s in self.about["input_shape"])
         pixels = torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(0))
-        m = torch.tensor(_per_channel(self.mean if mean is None else mean, c, 0.0))
-        s = torch.tensor(_per_channel(self.std if std is None else std, c, 1.0))
+        m = torch.tensor(per_channel(self.mean if mean is None else mean, c, 0.0))
+        s = torch.tensor(per_channel(self.std if std is None else std, c, 1.0))
         image = (pixels - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1)
         return {"image": image.to(self.device)}
 
     def describe(self) -> dict[str, Any]:
         return dict(self.about)
 
-
-def _per_channel(value: Any, channels: int, default: float) -> list[float]:
-    if value is None:
-        return [default] * channels
-    values = [float(value)] if isinstance(value, int | float) else [float(v) for v in value]
-    return values * channels if len(values) == 1 else values

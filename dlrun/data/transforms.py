@@ -8,7 +8,7 @@ int64 where -1 marks padding or a box cropped away.
 """
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,15 @@ from dlrun.errors import UserError
 
 BOX_KEYS = ("boxes", "box_labels")
 
+
+
+def per_channel(value: Any, channels: int, default: float | None = None) -> list[float]:
+    """A normalisation value as one float per channel: a scalar or a one-element list repeats,
+    None gives `default` (an error without one)."""
+    if value is None and default is not None:
+        return [default] * channels
+    values = [float(value)] if isinstance(value, int | float) else [float(v) for v in value]
+    return values * channels if len(values) == 1 else values
 
 class Transform(Protocol):
     def __call__(

@@ -13,17 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra._internal.utils import get_args_parser
-
+from dlrun.config.compose import command_line
 from dlrun.engine import dist
 from dlrun.launch import rundir
 
 NOTES: list[str] = []  # lines for the run's log (the log is not set up before Hydra runs)
 _MODE_DIRS: set[Path] = set()  # the folders claimed here: a mode writes into them directly
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def is_mode_dir(path: Path) -> bool:
@@ -82,12 +77,10 @@ def command_with_mode_dir(args: Sequence[str]) -> list[str]:
     """`mode=M ckpt=<run>/checkpoints/x.pt ...` with `hydra.run.dir=<run>/M/NNN` added; any
     other command as it is."""
     args = list(args)
-    try:
-        parsed = get_args_parser().parse_args(args)
-    except SystemExit:  # Hydra's own usage error: Hydra reports it
+    line = command_line(args)
+    if line is None:  # Hydra's own usage error: Hydra reports it
         return args
-    overrides = list(parsed.overrides or [])
-    mine = {_key(o): o.partition("=")[2] for o in overrides}
+    parsed, _, mine = line
     mode, ckpt = mine.get("mode", "train"), mine.get("ckpt", "")
     if parsed.multirun or parsed.help or mode in ("", "train") or not ckpt:
         return args

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 import dlrun
 from dlrun.data.folder import IMAGE_SUFFIXES
+from dlrun.data.transforms import per_channel
 from dlrun.engine import run_modes
 from dlrun.engine.checkpoint import unwrap
 from dlrun.errors import UserError
@@ -154,8 +155,8 @@ def export_network(
             "color": "grayscale (PIL mode L)" if c == 1 else "RGB",
             "resize": f"bilinear to {h}x{w} (aspect ratio not kept), as dlrun decodes images",
             "normalize": "(pixel / 255 - mean) / std, per channel",
-            "mean": _floats(data.mean, c),
-            "std": _floats(data.std, c),
+            "mean": per_channel(data.mean, c),
+            "std": per_channel(data.std, c),
         },
         "output": {"name": "logits", "shape": ["batch", int(ref.shape[1])], "softmax": False},
         "classes": class_names(data, int(ref.shape[1])),
@@ -177,11 +178,6 @@ def export_network(
     if agree < len(test) or diff > 1e-3 * max(1.0, ref.abs().max().item()):
         log.warning("the exported %s disagrees with PyTorch beyond float rounding", fmt)
     return {"export/max_abs_logit_diff": diff, "export/same_top1": float(agree)}
-
-
-def _floats(value: Any, channels: int) -> list[float]:
-    values = [float(value)] if isinstance(value, int | float) else [float(v) for v in value]
-    return values * channels if len(values) == 1 else values
 
 
 def _file_names(spec: str, names: list[str]) -> list[str]:
