@@ -150,3 +150,12 @@ def stopped_at_step(
         patch.setattr(trainer, "step", dies)
         with pytest.raises(KeyError, match="stopped"):
             run(cfg, folder)
+
+
+@pytest.fixture(scope="session")
+def opencv_contrib() -> ModuleType:
+    """OpenCV with its contrib module (selective search: model=rcnn, fast_rcnn)."""
+    cv2 = need_extra("cv2", "proposals")
+    if not hasattr(cv2, "ximgproc"):
+        need_extra("cv2.ximgproc", "proposals")
+    return cv2

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dlrun.data import mnist
+from dlrun.data import mnist, proposals
 from dlrun.data.in_memory import Splits
 from dlrun.data.module import DeviceGenerators
 from dlrun.data.samplers import RandomSampler, Sampler, SequentialSampler, ShardedSampler
@@ -78,7 +78,8 @@ class SceneData(DeviceGenerators):
                     f"data.source={source} is not an object set; use one of: {', '.join(SOURCES)}."
                 )
             source = SOURCES[source]
-        splits = source(Path(root).expanduser(), download)
+        self.root = Path(root).expanduser()
+        splits = source(self.root, download)
         self.objects = {
             "train": (splits.train_x, splits.train_y),
             "test": (splits.test_x, splits.test_y),
@@ -116,7 +117,8 @@ class SceneData(DeviceGenerators):
         self.rank, self.world_size = 0, 1
         self._generators: dict[str, torch.Generator] = {}
         # What trainers may `require` (dlrun.data.module.CAPABILITIES): anchors fit box_sizes.
-        self.offers: dict[str, Any] = {"boxes": self, "normalization": self}
+        self.offers: dict[str, Any] = {"boxes": self, "normalization": self, "proposals": self}
+        self.proposals: dict[str, Tensor] = {}  # per split, once attach_proposals made them
 
     def setup(
         self, device: torch.device, seed: int, rank: int = 0, world_size: int | None = None
@@ -154,7 +156,32 @@ class SceneData(DeviceGenerators):
         if not self.scenes:
             raise RuntimeError("call setup() first: the scenes are made on the device")
         s = self.scenes[split]
-        return {"image": s.images, "mask": s.masks, "boxes": s.boxes, "box_labels": s.box_labels}
+        out = {"image": s.images, "mask": s.masks, "boxes": s.boxes, "box_labels": s.box_labels}
+        if split in self.proposals:
+            out["proposals"] = self.proposals[split]
+        return out
+
+    def attach_proposals(self, **settings: Any) -> None:
+        """Selective-search proposals for every split's scenes (dlrun/data/proposals.py), cached
+        under <data.root>/cache; batches then carry "proposals" (B, P, 4), -1 rows unused."""
+        if self.hflip:
+            raise UserError("data.hflip=true would mirror scenes but not their proposals: use false.")
+        splits = {k: v for k, v in self.scenes.items() if k != "val" or self.counts["val"]}
+        beat = Heartbeat(
+            "selective search", sum(len(s.images) for s in splits.values()), unit="scenes"
+        )
+        for split, scenes in splits.items():
+            self.proposals[split] = proposals.cached(
+                scenes.images, self.root / "cache", tick=beat.tick, **settings
+            )
+        beat.close()
+        if not self.counts["val"]:
+            self.proposals["val"] = self.proposals["test"]
+        sizes = {k: float(proposals.valid(v).sum(1).float().mean()) for k, v in splits.items()}
+        log.info(
+            "proposals (selective search, %s): %s per scene", settings.get("strategy", "fast"),
+            ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()),
+        )  # fmt: skip
 
     def _normalize(self, mean: Any = None, std: Any = None) -> Normalize:
         return Normalize(self.mean if mean is None else mean, self.std if std is None else std)

@@ -47,6 +47,8 @@ CAPABILITIES = {
     ),
     # the module (dlrun.data.digit_scenes.SceneData): box_sizes(split) -> (N, 2) widths, heights
     "boxes": Capability("object boxes", "use data=mnist_det"),
+    # SceneData.attach_proposals(**settings): batches then carry "proposals" (dlrun/data/proposals)
+    "proposals": Capability("region proposals of its scenes", "use data=mnist_det"),
     # the module: mean and std, the per-channel normalisation of its batches
     "normalization": Capability(
         "the mean and std of its images", "use a data set of configs/data/"

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-from dlrun.data.module import require
+from dlrun.data import proposals
+from dlrun.data.module import offered, require
 from dlrun.engine import run_modes
 from dlrun.engine.loop import Sums, Trainer
 from dlrun.engine.tb import palette
@@ -106,13 +107,31 @@ class DetectionTrainer(Trainer):
                 ", ".join(f"{w:.0f}x{h:.0f}" for w, h in anchors.tolist()),
             )  # fmt: skip
 
+        # R-CNN and Fast R-CNN classify region proposals: the data computes them once per split
+        # (a data-free mode's inputs get theirs in mode_predict).
+        settings = self.proposal_settings()
+        if settings is not None and offered(self.data, "boxes") is not None:
+            name = type(self.model).__name__
+            require(self.data, "proposals", by=f"{name}").attach_proposals(**settings)
+
+    def proposal_settings(self) -> dict[str, Any] | None:
+        """The model's selective-search settings, None for a detector without proposals."""
+        settings = getattr(self.model, "proposal_settings", None)
+        return dict(settings) if settings is not None else None
+
+    def proposals_of(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The keyword the model's call takes: {"proposals": ...} for a proposal detector."""
+        if self.proposal_settings() is None:
+            return {}
+        return {"proposals": batch["proposals"]}
+
     def logged_metrics(self) -> list[str]:
         return ["val/map_50", "val/map", "train/loss"]
 
     def step(self, batch: Mapping[str, Tensor]) -> Sums:
         x = self.layout(batch["image"])
         with self.autocast():
-            terms = self.net()(x, batch["boxes"], batch["box_labels"])
+            terms = self.net()(x, batch["boxes"], batch["box_labels"], **self.proposals_of(batch))
         terms = self.loss(terms)
         loss = sum(terms.values())
         self.optimize(loss)
@@ -123,13 +142,15 @@ class DetectionTrainer(Trainer):
         return sums
 
     @torch.no_grad()
-    def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
-        """Detections of normalised images, in eval-batch chunks."""
+    def detect(self, images: Tensor, regions: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """Detections of normalised images (and their proposals), in eval-batch chunks."""
         self.model.eval()
         out: list[dict[str, Tensor]] = []
-        for chunk in images.split(self.data.eval_batch_size):
+        size = self.data.eval_batch_size
+        for i, chunk in enumerate(images.split(size)):
+            extra = {} if regions is None else {"proposals": regions[i * size : (i + 1) * size]}
             with self.autocast():
-                out += self.net()(self.layout(chunk.to(self.device)))
+                out += self.net()(self.layout(chunk.to(self.device)), **extra)
         return [{k: v.float() if k != "labels" else v for k, v in d.items()} for d in out]
 
     @torch.no_grad()
@@ -137,7 +158,8 @@ class DetectionTrainer(Trainer):
         preds: list[dict[str, Tensor]] = []
         targets: list[dict[str, Tensor]] = []
         for batch in loader:
-            preds += [{k: v.cpu() for k, v in d.items()} for d in self.detect(batch["image"])]
+            found = self.detect(batch["image"], batch.get("proposals"))
+            preds += [{k: v.cpu() for k, v in d.items()} for d in found]
             targets += truth(batch["boxes"].cpu(), batch["box_labels"].cpu())
         scores = mean_average_precision(preds, targets, len(self.classes))
         metrics = {f"{prefix}/{k}": v for k, v in scores.items()}
@@ -146,7 +168,7 @@ class DetectionTrainer(Trainer):
         if self.writer is not None:
             batch = self.data.example_batch(DRAWN, "test")
             shown = self.data.example_batch(DRAWN, "test", mean=[0.0], std=[1.0])["image"]
-            dets = confident(self.detect(batch["image"]), SHOW_SCORE)
+            dets = confident(self.detect(batch["image"], batch.get("proposals")), SHOW_SCORE)
             self.writer.add_image(
                 f"{prefix}/predictions",
                 make_grid(draw(shown, dets, self.classes), nrow=4),
@@ -170,7 +192,10 @@ class DetectionTrainer(Trainer):
         if not 0 <= threshold <= 1:
             raise UserError(f"predict.score must be in [0, 1], got {threshold}.")
         names, raw, x = run_modes.predict_inputs(self.data, self.device, options)
-        dets = confident([{k: v.cpu() for k, v in d.items()} for d in self.detect(x)], threshold)
+        settings = self.proposal_settings()
+        regions = None if settings is None else proposals.selective_search(raw, **settings)
+        found = self.detect(x, None if regions is None else regions.to(self.device))
+        dets = confident([{k: v.cpu() for k, v in d.items()} for d in found], threshold)
         out = self.output_dir("predict")
         out.mkdir(parents=True, exist_ok=True)
         drawn = draw(raw.float() / 255, dets, self.classes)
