@@ -60,6 +60,7 @@ class SceneData(DeviceGenerators):
         batch_size: int = 64,
         eval_batch_size: int = 500,
         hflip: bool = False,
+        cache_dir: str | None = None,
         channels: int | None = None,
         image_size: int | None = None,
         num_classes: int | None = None,
@@ -78,8 +79,9 @@ class SceneData(DeviceGenerators):
                     f"data.source={source} is not an object set; use one of: {', '.join(SOURCES)}."
                 )
             source = SOURCES[source]
-        self.root = Path(root).expanduser()
-        splits = source(self.root, download)
+        # Selective-search proposals are cached here (None: computed each run).
+        self.cache_dir = Path(cache_dir).expanduser() / "proposals" if cache_dir else None
+        splits = source(Path(root).expanduser(), download)
         self.objects = {
             "train": (splits.train_x, splits.train_y),
             "test": (splits.test_x, splits.test_y),
@@ -163,7 +165,7 @@ class SceneData(DeviceGenerators):
 
     def attach_proposals(self, **settings: Any) -> None:
         """Selective-search proposals for every split's scenes (dlrun/data/proposals.py), cached
-        under <data.root>/cache; batches then carry "proposals" (B, P, 4), -1 rows unused."""
+        under data.cache_dir; batches then carry "proposals" (B, P, 4), -1 rows unused."""
         if self.hflip:
             raise UserError("data.hflip=true would mirror scenes but not their proposals: use false.")
         splits = {k: v for k, v in self.scenes.items() if k != "val" or self.counts["val"]}
@@ -172,7 +174,7 @@ class SceneData(DeviceGenerators):
         )
         for split, scenes in splits.items():
             self.proposals[split] = proposals.cached(
-                scenes.images, self.root / "cache", tick=beat.tick, **settings
+                scenes.images, self.cache_dir, tick=beat.tick, **settings
             )
         beat.close()
         if not self.counts["val"]:
