@@ -21,6 +21,7 @@ from dlrun.config.compose import command_line, override_key
 from dlrun.config.migrations import migrate
 from dlrun.engine import checkpoint
 from dlrun.errors import UserError
+from dlrun.models.cyclegan_authors import generator_settings, is_authors_generator
 
 log = logging.getLogger("dlrun")
 
@@ -87,6 +88,10 @@ def command_with_checkpoint(args: Sequence[str]) -> list[str]:
         state = checkpoint.load(path)
     except UserError:  # no such file: the mode says so, after Hydra
         return args
+    if is_authors_generator(state):  # their file names no config: CycleGAN's, and see apply
+        first = [f"{g}={c}" for g, c in AUTHORS_GROUPS.items() if g not in mine]
+        at = args.index(overrides[0])
+        return [*args[:at], *first, *args[at:]]
     groups = {g: c for g, c in saved_choices(state, path).items() if g not in SKIPPED_GROUPS}
     first = [f"{g}={c}" for g, c in groups.items() if g not in mine]
     if "hydra.searchpath" not in mine:  # the config folders of one's own its groups came from
@@ -214,6 +219,8 @@ def apply(
     config leaves `cfg` as composed."""
     path = Path(ckpt).expanduser()
     state = checkpoint.load(path)
+    if is_authors_generator(state):
+        return authors_generator(cfg, state, ckpt, overrides)
     saved = saved_config(state)
     if saved is None:
         return {}
@@ -240,3 +247,68 @@ def apply(
         _short(saved, "data", groups.get("data")), path,
     )  # fmt: skip
     return groups
+
+
+# A generator file of the CycleGAN authors' code (dlrun.models.cyclegan_authors) names no config:
+# model=cyclegan builds its network, data=unpaired_folder names a data set (whose data.root the
+# command gives for translate.input=test); with translate.input=DIR no data set is read.
+AUTHORS_GROUPS = {"model": "cyclegan", "data": "unpaired_folder"}
+# The image size their test.py translates at (its load_size defaults to the 256 px crop size).
+AUTHORS_IMAGE_SIZE = 256
+STAND_IN = "dlrun.tasks.cyclegan.authors.images_only"  # the data of a folder input: shapes only
+
+
+def authors_generator(
+    cfg: DictConfig, state: Mapping[str, Any], ckpt: str, overrides: Sequence[str]
+) -> dict[str, str]:
+    """`mode=translate ckpt=<their latest_net_G.pth>`: model=cyclegan of the file's in_channels,
+    ngf and n_blocks; for translate.input=DIR a data stand-in of data.image_size (256 by default,
+    as theirs) that reads no files; for a split, the data set the command names."""
+    if cfg.mode != "translate":
+        raise UserError(
+            f"ckpt={ckpt} is a generator saved by the CycleGAN authors' code: it runs with "
+            f"mode=translate, not mode={cfg.mode}."
+        )
+    given = {override_key(o): o.partition("=")[2] for o in overrides}
+    if not str(cfg.model.get("_target_", "")).endswith("models.cyclegan.cyclegan"):
+        raise UserError(
+            f"ckpt={ckpt} is a generator saved by the CycleGAN authors' code: it runs with "
+            f"model=cyclegan, not model={given.get('model', cfg.model.get('_target_'))}."
+        )
+    settings = generator_settings(state)
+    for key, value in settings.items():
+        said = given.get(f"model.{key}")
+        if said is not None and said != str(value):
+            raise UserError(
+                f"ckpt={ckpt} holds a generator of model.{key}={value}, not model.{key}={said} "
+                "as this command asks: leave it out."
+            )
+    spec = cfg.translate.get("input") if "translate" in cfg else None
+    channels = settings["in_channels"]
+    with open_dict(cfg):
+        if spec in (None, "", "test", "train"):
+            if OmegaConf.is_missing(cfg.data, "root"):
+                raise UserError(
+                    f"ckpt={ckpt} is a generator of the CycleGAN authors' code, with no data set: "
+                    "give translate.input=DIR (a folder of images), or a data set for its "
+                    "test split (data=horse2zebra, or data.root=DIR holding testA and testB)."
+                )
+            if int(cfg.data.channels) != channels:
+                raise UserError(
+                    f"ckpt={ckpt} translates {channels}-channel images, data.channels is "
+                    f"{cfg.data.channels}."
+                )
+        else:  # a folder: only its images are read, at the data's size
+            size = int(given.get("data.image_size") or AUTHORS_IMAGE_SIZE)
+            cfg.data = {
+                "_target_": STAND_IN, "name": str(cfg.data.get("name") or "images"),
+                "channels": channels, "image_size": size, "batch_size": 1,
+                "eval_batch_size": int(cfg.data.get("eval_batch_size") or 50), "num_workers": 0,
+            }  # fmt: skip
+        cfg.model.in_channels, cfg.model.image_size = channels, int(cfg.data.image_size)
+        cfg.model.ngf, cfg.model.n_blocks = settings["ngf"], settings["n_blocks"]
+    log.info(
+        "mode=translate: %s is a generator of the CycleGAN authors' code (%d channels, ngf=%d, "
+        "%d blocks)", ckpt, channels, settings["ngf"], settings["n_blocks"],
+    )  # fmt: skip
+    return {}

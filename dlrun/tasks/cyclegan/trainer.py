@@ -8,7 +8,7 @@ had) and a horse-vs-zebra style domain classifier (`metrics.domain.ckpt`), which
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from dlrun.engine.run_modes import folder_inputs
 from dlrun.errors import UserError
 from dlrun.scoring import sample_quality as metrics_lib
 from dlrun.scoring.classifiers import load_classifier
+from dlrun.tasks.cyclegan import authors
 from dlrun.tasks.cyclegan.image_pool import ImagePool
 
 # CycleGAN is a GAN: its adversarial terms are the GAN task's losses, in their per-prediction form
@@ -289,6 +290,19 @@ class CycleGANTrainer(Trainer):
         return out
 
     # ----- mode=translate -------------------------------------------------------------------------
+    def run_mode(self, mode: str, *, ckpt: str | None, resume: bool, options: Mapping[str, Any],
+                 commit: Callable[[], None], weights: str = "model") -> dict[str, float]:  # fmt: skip
+        """As every task's, but mode=translate also takes a generator file of the CycleGAN
+        authors' code (tasks/cyclegan/authors.py) into G_A."""
+        if mode == "translate" and ckpt:
+            state = authors.load_generator(self.gan.generators.g_a, str(ckpt), options)
+            if state is not None:
+                self.checkpoint_path, self.scored_weights = ckpt, "model"
+                commit()
+                return self.mode_translate(state, dict(options))
+        return super().run_mode(mode, ckpt=ckpt, resume=resume, options=options, commit=commit,
+                                weights=weights)  # fmt: skip
+
     def mode_translate(
         self, state: Mapping[str, Any], options: Mapping[str, Any]
     ) -> dict[str, float]:
@@ -312,7 +326,7 @@ class CycleGANTrainer(Trainer):
         self, options: Mapping[str, Any], domain: str
     ) -> tuple[list[str], Tensor]:
         spec = str(options.get("input") or "test")
-        size, channels = self.data.image_size, self.data.channels
+        channels, size, _ = self.data.describe()["input_shape"]  # a stand-in's too (authors.py)
         if spec in ("train", "test"):
             x = self.data.images(spec, domain)
             if x.shape[-1] != size:  # training images are stored at load size: resize down
