@@ -12,7 +12,7 @@ from dlrun.config import checks
 from dlrun.engine import checkpoint, introspect
 from dlrun.engine.loop import Sums, Trainer
 from dlrun.errors import UserError
-from dlrun.tasks.classification import class_report
+from dlrun.tasks.classification import class_report, units
 from dlrun.tasks.classification import modes as classify_modes
 from dlrun.tasks.classification.class_report import EvalAccumulator
 from dlrun.tasks.classification.losses import Objective
@@ -23,7 +23,7 @@ TTA = ("none", "flip")
 class ClassificationTrainer(Trainer):
     """Trains `model(image) -> logits` against integer labels."""
 
-    modes = ("train", "eval", "predict", "export")
+    modes = ("train", "eval", "predict", "export", "units")
     data_free_modes = {"predict": "input", "export": None}
     scores_test_at_end = True  # data.val_split > 0: test/* at the end, by the final weights
 
@@ -106,6 +106,8 @@ class ClassificationTrainer(Trainer):
         super().check_mode(mode, ckpt, options)
         if mode == "export":
             classify_modes.check_export(options or {})
+        if mode == "units":  # layer names, units.count: before anything is written
+            units.check_options(self.model, options or {})
 
     def mode_predict(
         self, state: Mapping[str, Any], options: Mapping[str, Any]
@@ -126,6 +128,17 @@ class ClassificationTrainer(Trainer):
             self.model, self.data, options, self.output_dir("export"), model_spec=self.model_spec,
             ckpt=self.checkpoint_path, state=state, tta=self.tta,
         )  # fmt: skip
+
+    def mode_units(self, state: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
+        """units.*: what each unit of a conv layer sees (Zeiler & Fergus) -> <run>/units/."""
+        net = checkpoint.unwrap(self.model)
+
+        def forward(x: Tensor) -> None:  # normalised images, as evaluate feeds them
+            with self.autocast():
+                net(self.layout(x))
+
+        return units.show_units(net, forward, self.data, options, self.output_dir("units"),
+                                ckpt=self.checkpoint_path, step=int(state.get("step", 0)))  # fmt: skip
 
     def log_start(self, writer: SummaryWriter) -> None:
         # Stored images, not a loader batch: drawing one would advance the data RNG.
