@@ -90,9 +90,10 @@ def selective_search(
                 tick(len(chunk))
     else:  # worker processes: OpenCV's search is single-threaded Python-side per image
         repeated = ([a] * len(chunks) for a in args)
-        # spawn: a forked child of a process whose OpenMP pool is running can hang.
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        # fork: the workers run OpenCV and numpy only (no torch, whose thread pool a fork does not
+        # carry), and fork, unlike spawn, does not re-run a calling script that has no main guard.
+        fork = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=fork) as pool:
             for chunk, found in zip(chunks, pool.map(_search, chunks, *repeated), strict=True):
                 boxes += found
                 if tick is not None:
