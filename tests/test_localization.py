@@ -276,8 +276,11 @@ def test_the_other_mistakes_are_one_clear_error_each(data_root: Path) -> None:
         (lambda: canvases(data_root, 0, empty_share=1), r"data.empty_share must be in \[0, 1\)"),
         (lambda: canvases(data_root, 0, empty_share=-0.1), r"without a digit\), got -0.1\.$"),
         (lambda: canvases(data_root, 0, kind="landmarks"), "needs a digit on every canvas"),
+        (lambda: canvases(data_root, 0, kind="boxes"), "must be localization or landmarks"),
         (lambda: LocalizationLoss(class_loss="hinge"), "must be squared or cross_entropy"),
-    ]
+        (lambda: Localizer(in_channels=1, image_size=64, num_classes=10, width=0),
+         "model.width must be a positive integer, got 0"),
+    ]  # fmt: skip
     loc = SimpleNamespace(kind="localization", name="mnist_loc")
     marks = SimpleNamespace(kind="landmarks", name="mnist_landmarks")
     net = Localizer(in_channels=1, image_size=64, num_classes=10, width=1)
