@@ -31,7 +31,7 @@ def flat(node: dict, prefix: str = "") -> dict[str, object]:
 def test_the_base_is_no_trainer_option() -> None:
     _, groups = composed([])
     assert groups["trainer"] == TASKS == [
-        "classification", "cyclegan", "detection", "distill", "gan", "knn", "metric",
+        "classification", "cyclegan", "detection", "distill", "gan", "knn", "localization", "metric",
         "segmentation", "style",
     ]  # fmt: skip
     assert "base" not in groups

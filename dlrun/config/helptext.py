@@ -39,6 +39,7 @@ TRAINER_MODES: dict[str, tuple[str, ...]] = {
     "dlrun.tasks.distill.trainer.DistillTrainer": CLASSIFIER_MODES,
     "dlrun.tasks.gan.trainer.GANTrainer": ("train", "eval", "sample"),
     "dlrun.tasks.cyclegan.trainer.CycleGANTrainer": ("train", "eval", "translate"),
+    "dlrun.tasks.localization.trainer.LocalizationTrainer": ("train", "eval", "predict"),
     "dlrun.tasks.metric_learning.trainer.MetricTrainer": ("train", "eval", "embed", "verify"),
     "dlrun.tasks.segmentation.trainer.SegmentationTrainer": ("train", "eval", "predict"),
     "dlrun.tasks.detection.trainer.DetectionTrainer": ("train", "eval", "predict"),
