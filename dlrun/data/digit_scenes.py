@@ -179,10 +179,10 @@ class SceneData(DeviceGenerators):
         beat.close()
         if not self.counts["val"]:
             self.proposals["val"] = self.proposals["test"]
-        sizes = {k: float(proposals.valid(v).sum(1).float().mean()) for k, v in splits.items()}
+        found = {k: proposals.valid(self.proposals[k]).sum(1).float().mean() for k in splits}
         log.info(
             "proposals (selective search, %s): %s per scene", settings.get("strategy", "fast"),
-            ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()),
+            ", ".join(f"{k} {float(v):.1f}" for k, v in found.items()),
         )  # fmt: skip
 
     def _normalize(self, mean: Any = None, std: Any = None) -> Normalize:
