@@ -140,6 +140,22 @@ def test_a_unit_s_top_patches_are_the_images_and_places_that_hold_its_pattern() 
     assert image[0, 2 + 16, 2] == pytest.approx(0.5)  # a 0 of the X: the mean
 
 
+def test_a_unit_is_its_conv_after_batchnorm_and_before_the_activation() -> None:
+    bn = nn.BatchNorm2d(2).eval()  # running mean 0, variance 1
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([-1.0, 10.0]))
+    net = nn.Sequential(known_net()[0], bn, nn.Sigmoid())
+    x = known_images()
+    x[3, 0, 2:5, 2:5] = -PATTERN  # unit 0's conv gives -5 here: +5 after the BatchNorm's -1
+    fields = {f.name: f for f in receptive_fields(net, (1, 12, 12))}
+    best, _ = search(net, net, [{"image": x}], {"0": fields["0"]}, count=2, top=2)
+    scale = (1 + bn.eps) ** -0.5
+    # the raw conv would rank images 4, 1 for unit 0; other images tie at 0 (blank places)
+    assert best["0"].images.tolist() == [[3, 0], [2, 0]]
+    # after the sigmoid, 30 and 20 would both be 1.0 in float32
+    assert torch.allclose(best["0"].values, torch.tensor([[5.0, 0.0], [30.0, 20.0]]) * scale)
+
+
 def test_the_default_layers_are_the_last_conv_at_each_resolution(vgg: nn.Module) -> None:
     assert default_layers(receptive_fields(vgg, (3, 32, 32)), vgg) == [
         "features.0.0", "features.1.0", "features.2.2", "features.3.2", "features.4.2",
@@ -218,7 +234,7 @@ def test_mode_units_writes_each_layer_s_grid_and_json(
             len(set(unit["images"])) == 9
             and unit["activations"] == sorted(unit["activations"])[::-1]
         )
-    # the recorded activation is what the unit computes on that image, after its sigmoid
+    # the recorded activation is what the unit computes on that image (before its sigmoid)
     net = LeNet5(widths=(4, 8)).eval()
     net.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
     data = instantiate(cfg.data)
@@ -227,7 +243,7 @@ def test_mode_units_writes_each_layer_s_grid_and_json(
     unit = conv2["units"][3]
     i, (y, x) = unit["images"][0], unit["positions"][0]
     with torch.no_grad():
-        maps = net.features[:5](test[i : i + 1])[0, 3]  # conv1, sigmoid, pool1, conv2, sigmoid
+        maps = net.features[:4](test[i : i + 1])[0, 3]  # conv1, sigmoid, pool1, conv2
     assert maps.max().item() == pytest.approx(unit["activations"][0], abs=1e-5)
     assert maps[y, x].item() == pytest.approx(unit["activations"][0], abs=1e-5)
     # conv2's window: rows 4.5 + 2y - 6.5 = 2y - 2 onwards, 14 of them

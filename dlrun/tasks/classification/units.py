@@ -7,9 +7,12 @@ largest activation of that unit), so the images are distinct. Each is shown as t
 that position's receptive field (dlrun.models.receptive_field), in the data's own colours (the
 normalisation undone): one grid per layer, a row per unit, its best image first.
 
-A unit's activation is the layer's output after the layers that directly follow it without
-changing its shape (BatchNorm, the activation function): Zeiler & Fergus rank the rectified maps,
-and a BatchNorm of negative scale would reverse the order of the raw conv output.
+A unit's activation is the layer's output after the normalisation layers that directly follow
+it (BatchNorm, GroupNorm, ...: a negative scale there would reverse the order), before the
+activation function. Zeiler & Fergus rank the rectified maps; an activation function keeps the
+order (ReLU, sigmoid and tanh never decrease), but it ties what it saturates: after LeNet's
+sigmoid, most of a unit's top activations are exactly 1.0 in float32, and the first test images
+would win by their index.
 
 Results (the mode's folder, <run>/units/NNN/): `<layer>.png` per layer, and `units.json` (per
 layer its receptive field; per unit the test images, activations, positions and input windows).
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 48  # patches are upscaled (nearest) to at least this many pixels a side
 _LISTED = 40  # conv layer names an error lists before "and N more"
 Box = tuple[int, int, int, int]  # an input window: top, left, rows, cols
+# Per-channel affine layers that belong to the conv before them (a unit is their output).
+NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 # ----- the options, checked before anything is written ------------------------------------------
@@ -176,8 +181,8 @@ def activations(
     model: nn.Module, names: Sequence[str], seen: Callable[[str, Tensor], None]
 ) -> list[Any]:
     """Forward hooks calling `seen(name, activation)` for each layer of `names`, once per forward
-    pass: its output, then again after each shape-keeping layer applied to it (BatchNorm, the
-    activation), so the last call holds what the next layer reads. Returns the handles."""
+    pass: its output, then again after each normalisation layer applied to it (`NORMS`), so the
+    last call holds the unit's activation before the activation function. Returns the handles."""
     # id of each chosen layer's latest tensor -> (its name, the tensor: held, so that no other
     # tensor of this pass gets its id)
     followed: dict[int, tuple[str, Tensor]] = {}
@@ -190,7 +195,7 @@ def activations(
             done.add(name)
             followed[id(out)] = (name, out)
             seen(name, out)
-        elif not isinstance(module, FIELD_LAYERS) and inputs and isinstance(inputs[0], Tensor):
+        elif isinstance(module, NORMS) and inputs and isinstance(inputs[0], Tensor):
             layer = followed.get(id(inputs[0]), ("", None))[0]
             if layer and out.shape == inputs[0].shape:
                 followed[id(out)] = (layer, out)
@@ -262,7 +267,8 @@ def grid(layer: LayerBest, mean: Sequence[float], std: Sequence[float]) -> Tenso
     patches = (patches * s + m).clamp(0, 1)
     scale = max(1, math.ceil(MIN_SIDE / max(patches.shape[-2:])))
     patches = nn.functional.interpolate(patches, scale_factor=scale, mode="nearest")
-    return make_grid(patches, nrow=len(layer.patches[0]), padding=2, pad_value=1.0)
+    # grey gaps: neither MNIST's black background nor its white strokes
+    return make_grid(patches, nrow=len(layer.patches[0]), padding=2, pad_value=0.5)
 
 
 def record(layer: LayerBest, module: nn.Module) -> dict[str, Any]:
