@@ -14,9 +14,9 @@ from torch import nn
 from dlrun.errors import UserError
 from dlrun.models.lenet import LeNet5
 from dlrun.models.mlp import MLP
-from dlrun.models.receptive_field import receptive_fields
+from dlrun.models.receptive_field import LayerField, receptive_fields
 from dlrun.models.vgg import vgg11
-from dlrun.tasks.classification.units import check_options, default_layers, grid, search
+from dlrun.tasks.classification.units import check_options, default_layers, grid, search, window
 
 
 def table(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, int, int, float]]:
@@ -133,6 +133,9 @@ def test_a_unit_s_top_patches_are_the_images_and_places_that_hold_its_pattern() 
     # unit 1: the corner pixel (0, 11); its window, rows -1..1 and columns 10..12, is padded
     assert layer.where[1][0] == (0, 11, (-1, 10, 3, 3))
     assert layer.patches[1][0][0].tolist() == [[0, 0, 0], [0, 3, 0], [0, 0, 0]]
+    # a field wider than the image (VGG's pool3 rows: rf 30, jump 8, start 3.5; first row
+    # 3.5 + 8 - 14.5 = -3) shows the 12 px image whole; 5 columns from 2 - 2 = 0 as they are
+    assert window(LayerField("pool", (30, 5), (8, 1), (3.5, 2.0)), 1, 0, 12, 12) == (0, 0, 12, 5)
     # the grid: 2 units x 2 patches, 3 px upscaled to 48 (x16), 2 px gaps; un-normalised
     image = grid(layer, mean=[0.5], std=[0.25])
     assert image.shape == (3, 2 * 50 + 2, 2 * 50 + 2)

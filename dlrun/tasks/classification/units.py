@@ -99,7 +99,7 @@ def check_options(model: nn.Module, options: Mapping[str, Any]) -> None:
 
 def default_layers(fields: Sequence[LayerField], model: nn.Module) -> list[str]:
     """The last conv layer at each resolution: a conv whose next conv/pool layer (in forward
-    order) has a larger jump, and the last conv (LeNet: both convs; VGG: conv1_2 ... conv5_3)."""
+    order) has a larger jump, and the last conv (LeNet: both convs; VGG: each stage's last)."""
     convs = [f for f in fields if isinstance(model.get_submodule(f.name), nn.Conv2d)]
     picked = []
     for i, field in enumerate(fields):
