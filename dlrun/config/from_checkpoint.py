@@ -29,7 +29,7 @@ log = logging.getLogger("dlrun")
 # the machine it runs on, how it reports, where the data files are.
 COMMAND_KEYS = (
     "mode", "ckpt", "resume", "device", "seed", "hydra", "callbacks",
-    "eval", "sample", "translate", "embed", "verify", "predict", "export",
+    "eval", "sample", "translate", "embed", "verify", "predict", "export", "units",
     "trainer.num_threads", "trainer.progress", "trainer.log_every_s", "trainer.profile",
     "data.download", "data.num_workers", "data.source.cache_dir", "data.source.workers",
 )  # fmt: skip

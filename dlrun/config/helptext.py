@@ -32,7 +32,7 @@ REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${style.pool}, not ${oc.en
 # The `modes` of each trainer class (dlrun.engine.loop.Trainer.modes), by the config's
 # `trainer._target_`: importing the classes would import torch, which --help must not. Kept equal
 # to the classes by tests/test_help.py. A mode's options are the top-level node of its name.
-CLASSIFIER_MODES = ("train", "eval", "predict", "export")
+CLASSIFIER_MODES = ("train", "eval", "predict", "export", "units")
 TRAINER_MODES: dict[str, tuple[str, ...]] = {
     "dlrun.tasks.classification.trainer.ClassificationTrainer": CLASSIFIER_MODES,
     "dlrun.tasks.classification.knn_trainer.KNNTrainer": CLASSIFIER_MODES,
@@ -47,7 +47,7 @@ TRAINER_MODES: dict[str, tuple[str, ...]] = {
 }
 # Read by dlrun.cli for every task (the weights the modes load), not through an interpolation.
 ALWAYS_READ = ("eval.weights", "logger")  # logger: a multi-select group, not in the choices
-ANY_MODE = "eval | the task's others (sample, translate, embed, verify, predict, export)"
+ANY_MODE = "eval | the task's others (sample, translate, embed, verify, predict, export, units)"
 COMMENT_COLUMN = 40  # descriptions start here (or two spaces after a longer `key: value`)
 
 
