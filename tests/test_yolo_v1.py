@@ -186,6 +186,20 @@ def test_a_bad_grid_or_box_count_is_one_clear_error(make_cfg, key: str, message:
         build_trainer(make_cfg(*TINY, f"model.{key}"), "unused")
 
 
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"grid": 65}, "model.grid must be between 1 and the image size 64, got 65"),
+        ({"width": 0}, "model.width and model.hidden must be >= 1, got 0, 8"),
+        ({"hidden": 0}, "model.width and model.hidden must be >= 1, got 4, 0"),
+        ({"dropout": 1.0}, r"model.dropout must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_the_other_bad_sizes_are_named(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        net(**kw)
+
+
 def test_resume_mid_epoch_ends_as_an_uninterrupted_run(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
