@@ -1,8 +1,10 @@
-"""Image classification: cross-entropy / hinge training, accuracy, best.pt by val/acc."""
+"""Image classification: cross-entropy / hinge training, accuracy and macro precision / recall /
+F1, best.pt by val/acc."""
 
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
@@ -18,6 +20,32 @@ from dlrun.tasks.classification.class_report import EvalAccumulator
 from dlrun.tasks.classification.losses import Objective
 
 TTA = ("none", "flip")
+
+
+def macro_scores(confusion: np.ndarray, prefix: str) -> dict[str, float]:
+    """`<prefix>/macro_precision`, `macro_recall`, `macro_f1`: the unweighted means over the
+    classes, from the evaluation's (K, K) confusion counts (rows true, columns predicted), which
+    were summed on the device and reach the host once (class_report.EvalAccumulator).
+
+    As scikit-learn's average="macro" with zero_division=0: the classes averaged over are those
+    that occur as a label or a prediction (a class absent from both, e.g. under data.eval_subset,
+    is left out rather than counted 0); a class never predicted has precision 0, a class
+    predicted but never true recall 0; F1 is each class's 2 TP / (2 TP + FP + FN) (its precision
+    and recall's harmonic mean, 0 where both are 0), then averaged: not the F1 of the two means.
+    """
+    counts = confusion.astype(np.float64)
+    tp, true, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
+    seen = (true + predicted) > 0
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> float:
+        per_class = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        return float(per_class[seen].mean()) if seen.any() else 0.0
+
+    return {
+        f"{prefix}/macro_precision": ratio(tp, predicted),
+        f"{prefix}/macro_recall": ratio(tp, true),
+        f"{prefix}/macro_f1": ratio(2 * tp, true + predicted),  # 2TP + FP + FN = true + predicted
+    }
 
 
 class ClassificationTrainer(Trainer):
@@ -86,10 +114,11 @@ class ClassificationTrainer(Trainer):
         # more than once per evaluation (e.g. again with averaged weights, for scalars only).
         self.eval_reports = {**getattr(self, "eval_reports", {}), prefix: report}
         n = int(report.confusion.sum())
-        return {
-            f"{prefix}/loss": loss / n,
-            f"{prefix}/acc": float(report.confusion.trace()) / n,
-        } | report.class_accuracy(prefix)
+        return (
+            {f"{prefix}/loss": loss / n, f"{prefix}/acc": float(report.confusion.trace()) / n}
+            | macro_scores(report.confusion, prefix)
+            | report.class_accuracy(prefix)
+        )
 
     def predict(self, x: Tensor) -> Tensor:
         """Evaluation logits; with eval.tta=flip, the mean over the image and its mirror."""
