@@ -27,7 +27,7 @@ classes, whatever its B boxes are: S * S * (5B + K) numbers for the whole image.
   first in the image's list) is the cell's truth and the others are not learned.
 - Detection: the paper's class-specific confidence, score = confidence x class probability, for
   every box and class; pairs above `score_threshold` go through per-class NMS
-  (`torchvision.ops.batched_nms`, one call for the batch, grouped by image and class): one box may
+  (`torchvision.ops.batched_nms`, one call per image, grouped by class): one box may
   come back under several classes, as in the paper's evaluation. At most `max_detections` per
   image, best first, boxes clipped to the image.
 
