@@ -320,9 +320,11 @@ def main() -> None:
         "train_subset": args.train_subset,
         "eval_subset": args.eval_subset,
     }
+    only = [n for n in args.only.split(",") if n]
+    if args.overrides and not only:  # before composing every config (seconds)
+        sys.exit("--try needs --only: the networks to try the overrides on")
     cfgs = classifier_configs()
     names, labels = list(cfgs), optimizers(cfgs)
-    only = [n for n in args.only.split(",") if n]
     redo = [n for n in args.redo.split(",") if n]
     unknown = sorted(set(only + redo) - set(names))
     if unknown:
@@ -333,8 +335,6 @@ def main() -> None:
     if args.list:
         return
     per_network = None if args.steps else LONGER
-    if args.overrides and not only:
-        sys.exit("--try needs --only: the networks to try the overrides on")
     if args.table:
         rows = done_rows()
         print(HEADER)
