@@ -89,8 +89,8 @@ def scenes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_svm_and_box_regression_targets_by_hand() -> None:
     proposals, boxes, labels = scenes()
     regions = label_regions(proposals, boxes, labels, fg_iou=0.5, bg_iou=(0.0, 0.5), add_truth=True)
-    is_truth = torch.arange(9) >= 6  # p0..p5, then A, B, C
-    y = heads.svm_targets(regions, is_truth, boxes, labels, num_classes=6)
+    truth_class = torch.tensor([-1] * 6 + [3, 5, 3])  # p0..p5, then A, B, C
+    y = heads.svm_targets(regions, truth_class, boxes, labels, num_classes=6)
     # Best IoU with class 3 in the region's own image: p0 0.8, p1 0.5, p2 0.2, p3 0, p4 1 (C),
     # p5 0; with class 5: p3 0.7, p5 0 (B's box, but B is in the other image), the rest 0.
     # Positives: the true boxes only (p4 equals C and stays left out); left out: IoU >= 0.3.
@@ -100,7 +100,7 @@ def test_svm_and_box_regression_targets_by_hand() -> None:
     for row, cls in [(0, 3), (1, 3), (3, 5), (4, 3)]:
         expected[row, cls] = 0.0
     assert torch.equal(y, expected)
-    rows, classes, targets = heads.box_targets(regions, is_truth)
+    rows, classes, targets = heads.box_targets(regions, truth_class)
     # IoU >= 0.6 and a proposal: p0 (0.8, A), p3 (0.7, B), p4 (1.0, C); p1 at 0.5 is not, nor
     # are the true boxes. p0: centre (5, 4) 10 x 8 onto (5, 5) 10 x 10: t_y = 1/8, t_h =
     # log(10/8); p3: centre (25, 23.5) 10 x 7 onto (25, 25): t_y = 1.5/7, t_h = log(10/7);
@@ -144,6 +144,20 @@ def test_inference_scores_by_the_svms_moves_by_the_class_s_regressor_and_suppres
         pytest.approx([1.0, 0.0, 11.0, 10.0]),
         pytest.approx([30.0, 30.0, 40.0, 40.0]),
     ]
+
+
+def test_the_svms_and_regressors_learn_on_detached_features_and_the_cnn_from_its_softmax() -> None:
+    torch.manual_seed(0)
+    net = RCNN(in_channels=1, image_size=64, num_classes=6, width=4, features=8).train()
+    proposals, boxes, labels = scenes()
+    terms = net(torch.rand(2, 1, 64, 64), boxes, labels, proposals=proposals)
+    assert set(terms) == {"cnn", "svm", "box"}
+    (terms["svm"] + terms["box"]).backward()
+    assert all(p.grad is None for p in net.cnn.parameters())
+    assert net.svm.weight.grad.abs().sum() > 0 and net.box.bias.grad.abs().sum() > 0
+    net.zero_grad(set_to_none=True)
+    terms["cnn"].backward()
+    assert net.svm.weight.grad is None and net.cnn.classify.weight.grad.abs().sum() > 0
 
 
 # ----- through the trainer ----------------------------------------------------------------------

@@ -13,16 +13,23 @@ exact), each a loss term the detection trainer sums:
   foreground (the paper: 128 with 32 positive), drawn from torch's global RNG.
 - "svm": K linear SVMs (one Linear(features, K)), one-vs-rest hinge: positives the true boxes
   only, negatives regions with IoU < 0.3 with every instance of the class, plus `svm_c` ||W||^2.
-  The paper's hard-negative mining is skipped: every negative of the batch counts (a scene has
-  ~30 proposals, so the whole set fits in a step).
 - "box": class-specific linear regression of the (10, 10, 5, 5)-scaled R-CNN targets from the
   penultimate features (the paper reads pool5; here the features the SVMs read), on proposals
   with IoU >= 0.6, least squares plus `box_ridge` ||W||^2.
-Departure from the paper, stated: it trains the SVMs and regressors after fine-tuning, on
-frozen features cached on disk per image. Here they learn at the same time on DETACHED features
-of the CNN as it is now (gradients of "svm" and "box" never reach the CNN), recomputed every step
-because the CNN keeps learning; those features come from the CNN in eval mode (BatchNorm's
-running statistics), as inference computes them, over every proposal and true box of the batch.
+Both read each region's features scaled to L2 norm 20 (heads.unit; the authors' code scales
+them to a mean norm of 20): on raw ReLU features a 60-step run's SVM margins averaged -14.
+Departures from the paper, stated:
+- It trains the SVMs and regressors after fine-tuning, on frozen features cached on disk per
+  image. Here they learn at the same time, on the DETACHED features of the CNN as it is now
+  (gradients of "svm" and "box" never reach the CNN), recomputed every step because the CNN
+  keeps learning (a cache would be stale after one step).
+- Those features are the fine-tuning minibatch's own (one CNN pass a step, in train mode): the
+  SVMs see the sampled regions, not every negative of the training set, and the paper's
+  hard-negative mining is skipped; a true box is a positive in the steps that sample it.
+- What it costs, measured (500 training scenes, batch 16, 300 steps, 200 validation scenes):
+  the SVMs scored mAP@0.5 0.75 where the CNN's own softmax, on the same features, scored 0.91.
+  The SVMs lag a CNN that keeps moving: fitted to a CNN's frozen features they reach its
+  softmax's score in ~60 steps. A long run's last, slow steps let them catch up.
 
 Inference: every valid proposal warped and run through the CNN (chunks of `chunk` regions), SVM
 score per class -> sigmoid(margin) (a score in [0, 1], 0.5 at the SVM's boundary; mAP only needs
@@ -105,14 +112,12 @@ class RCNN(nn.Module):
 
     @torch.no_grad()
     def features(self, images: Tensor, image: Tensor, boxes: Tensor) -> Tensor:
-        """Penultimate features (N, F) of regions, in chunks, by the CNN in eval mode."""
-        was = self.cnn.training
-        self.cnn.eval()
+        """What the SVMs and regressors read of regions (N, F): the CNN's penultimate features
+        at norm 20 (heads.unit), warped and run `chunk` regions at a time."""
         out = [
-            self.cnn(self.warp(images, i, b))[1]
+            heads.unit(self.cnn(self.warp(images, i, b))[1])
             for i, b in zip(image.split(self.chunk), boxes.split(self.chunk), strict=True)
         ]
-        self.cnn.train(was)
         return torch.cat(out) if out else images.new_zeros(0, self.svm.in_features)
 
     def forward(
@@ -145,17 +150,20 @@ class RCNN(nn.Module):
         regions = label_regions(
             proposals, boxes, labels, fg_iou=0.5, bg_iou=(0.0, 0.5), add_truth=True
         )
-        n_proposals = int((proposals[..., 2] > proposals[..., 0]).sum())
-        is_truth = torch.arange(len(regions.boxes), device=images.device) >= n_proposals
-        # "cnn": the softmax fine-tuning on a 25%-foreground sample of the batch's regions.
+        # Each region's class if it is one of the true boxes label_regions appended (after the
+        # valid proposals, in the padded batch's order), else -1.
+        truth_class = torch.full_like(regions.labels, -1)
+        truth_class[len(truth_class) - int((labels >= 0).sum()) :] = labels[labels >= 0]
+        # One CNN pass over a 25%-foreground sample of the batch's regions: its softmax is the
+        # "cnn" term; its detached features feed the SVMs and the regressors.
         keep = sample(regions.labels, self.regions_per_image * len(images), self.positive_fraction)
-        logits, _ = self.cnn(self.warp(images, regions.image[keep], regions.boxes[keep]))
-        cnn = F.cross_entropy(logits, regions.labels[keep]) if len(keep) else logits.sum() * 0.0
-        # "svm" and "box": every region's detached features, the CNN's current ones.
-        feats = self.features(images, regions.image, regions.boxes)
-        targets = heads.svm_targets(regions, is_truth, boxes, labels, self.k)
+        regions, truth_class = heads.pick(regions, keep), truth_class[keep]
+        logits, feats = self.cnn(self.warp(images, regions.image, regions.boxes))
+        cnn = F.cross_entropy(logits, regions.labels) if len(keep) else logits.sum() * 0.0
+        feats = heads.unit(feats.detach())
+        targets = heads.svm_targets(regions, truth_class, boxes, labels, self.k)
         svm = heads.svm_hinge(self.svm(feats), targets)
-        rows, classes, deltas = heads.box_targets(regions, is_truth)
+        rows, classes, deltas = heads.box_targets(regions, truth_class)
         box = heads.box_loss(self.box(feats), rows, classes, deltas)
         return {
             "cnn": cnn,
@@ -176,12 +184,14 @@ class RCNN(nn.Module):
         img = regions.image[:, None].expand(n, self.k)
         keep = scores >= self.score_threshold
         box, score, label, img = moved[keep], scores[keep], label[keep], img[keep]
-        # One NMS call for the whole batch: the group is (image, class).
-        kept = batched_nms(box, score, img * self.k + label, self.nms_iou)
+        # One NMS call per image, its classes apart: a whole batch's (image, class) groups in one
+        # call take torchvision's per-group loop on the CPU (K x B scans of every candidate,
+        # ~10 s for 200 scenes), one image's few hundred candidates its one-call offset trick.
+        counts = torch.bincount(img, minlength=b).tolist()
         out: Detections = []
-        for i in range(b):
-            mine = kept[img[kept] == i][: self.max_detections]  # batched_nms sorts by score
-            out.append({"boxes": box[mine], "scores": score[mine], "labels": label[mine]})
+        for bx, sc, lb in zip(*(t.split(counts) for t in (box, score, label)), strict=True):
+            mine = batched_nms(bx, sc, lb, self.nms_iou)[: self.max_detections]  # best first
+            out.append({"boxes": bx[mine], "scores": sc[mine], "labels": lb[mine]})
         return out
 
 
