@@ -158,6 +158,15 @@ def test_the_svms_and_regressors_learn_on_detached_features_and_the_cnn_from_its
     net.zero_grad(set_to_none=True)
     terms["cnn"].backward()
     assert net.svm.weight.grad is None and net.cnn.classify.weight.grad.abs().sum() > 0
+    # The paper's later stages (model.stage=heads): the CNN frozen, in eval mode, no "cnn" term.
+    net.stage = "heads"
+    net.zero_grad(set_to_none=True)
+    terms = net(torch.rand(2, 1, 64, 64), boxes, labels, proposals=proposals)
+    assert set(terms) == {"svm", "box"} and not net.cnn.training
+    (terms["svm"] + terms["box"]).backward()
+    assert all(p.grad is None for p in net.cnn.parameters())
+    with pytest.raises(UserError, match="model.stage must be one of joint, heads, got svm"):
+        RCNN(in_channels=1, image_size=64, num_classes=6, stage="svm")
 
 
 # ----- through the trainer ----------------------------------------------------------------------
@@ -189,6 +198,14 @@ def test_trains_and_resumes_mid_epoch_as_an_uninterrupted_run(
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)
             for d in (tmp_path / "r", tmp_path / "w"))  # fmt: skip
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # Stage 2-3 from that run: the SVMs and regressors move, the CNN (and its BN stats) do not.
+    ckpt = tmp_path / "w" / "checkpoints" / "last.pt"
+    heads_run = (*TINY, *cached, f"ckpt={ckpt}", "model.stage=heads", "trainer.max_steps=2")
+    metrics = run(make_cfg(*heads_run), tmp_path / "h")
+    assert "train/loss_cnn" not in metrics and metrics["train/loss_svm"] > 0
+    after = torch.load(tmp_path / "h" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(after[k], b["model"][k]) for k in b["model"] if k.startswith("cnn."))
+    assert not torch.equal(after["svm.weight"], b["model"]["svm.weight"])
 
 
 def test_a_mistake_is_one_clear_error(make_cfg) -> None:

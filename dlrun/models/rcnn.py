@@ -29,7 +29,9 @@ Departures from the paper, stated:
 - What it costs, measured (500 training scenes, batch 16, 300 steps, 200 validation scenes):
   the SVMs scored mAP@0.5 0.75 where the CNN's own softmax, on the same features, scored 0.91.
   The SVMs lag a CNN that keeps moving: fitted to a CNN's frozen features they reach its
-  softmax's score in ~60 steps. A long run's last, slow steps let them catch up.
+  softmax's score in ~60 steps. `model.stage=heads` is the paper's order: a second run, started
+  from the joint run's checkpoint (`ckpt=`), trains the SVMs and regressors alone on the frozen
+  CNN (eval mode, no gradient, no "cnn" term).
 
 Inference: every valid proposal warped and run through the CNN (chunks of `chunk` regions), SVM
 score per class -> sigmoid(margin) (a score in [0, 1], 0.5 at the SVM's boundary; mAP only needs
@@ -56,6 +58,9 @@ from dlrun.models.regions import decode, label_regions, sample
 from dlrun.models.yolo import Detections
 
 PROPOSAL_KEYS = ("upscale", "max_boxes", "strategy")  # selective_search's keywords
+# joint: the three parts learn together; heads: the paper's later stages, the SVMs and box
+# regressors alone on a fine-tuned CNN's frozen features (a run started from ckpt=<joint run>).
+STAGES = ("joint", "heads")
 
 
 class RCNN(nn.Module):
@@ -75,6 +80,7 @@ class RCNN(nn.Module):
         box_ridge: float = 1e-3,
         proposals: Mapping[str, Any] | None = None,
         chunk: int = 4096,
+        stage: str = "joint",
         score_threshold: float = 0.01,
         nms_iou: float = 0.3,
         max_detections: int = 100,
@@ -87,7 +93,9 @@ class RCNN(nn.Module):
             raise UserError(
                 f"model.proposals takes {', '.join(PROPOSAL_KEYS)}, not {', '.join(unknown)}."
             )
-        self.proposal_settings = settings
+        if stage not in STAGES:
+            raise UserError(f"model.stage must be one of {', '.join(STAGES)}, got {stage}.")
+        self.proposal_settings, self.stage = settings, stage
         self.k, self.size = num_classes, image_size
         self.input_size, self.context, self.chunk = input_size, context, chunk
         self.regions_per_image, self.positive_fraction = regions_per_image, positive_fraction
@@ -158,15 +166,22 @@ class RCNN(nn.Module):
         # "cnn" term; its detached features feed the SVMs and the regressors.
         keep = sample(regions.labels, self.regions_per_image * len(images), self.positive_fraction)
         regions, truth_class = heads.pick(regions, keep), truth_class[keep]
-        logits, feats = self.cnn(self.warp(images, regions.image, regions.boxes))
-        cnn = F.cross_entropy(logits, regions.labels) if len(keep) else logits.sum() * 0.0
+        terms: dict[str, Tensor] = {}
+        if self.stage == "heads":  # frozen: eval-mode BatchNorm, no gradient, no "cnn" term
+            self.cnn.eval()
+            with torch.no_grad():
+                _, feats = self.cnn(self.warp(images, regions.image, regions.boxes))
+        else:
+            logits, feats = self.cnn(self.warp(images, regions.image, regions.boxes))
+            terms["cnn"] = (
+                F.cross_entropy(logits, regions.labels) if len(keep) else logits.sum() * 0.0
+            )
         feats = heads.unit(feats.detach())
         targets = heads.svm_targets(regions, truth_class, boxes, labels, self.k)
         svm = heads.svm_hinge(self.svm(feats), targets)
         rows, classes, deltas = heads.box_targets(regions, truth_class)
         box = heads.box_loss(self.box(feats), rows, classes, deltas)
-        return {
-            "cnn": cnn,
+        return terms | {
             "svm": svm + self.svm_c * self.svm.weight.square().sum(),
             "box": box + self.box_ridge * self.box.weight.square().sum(),
         }
