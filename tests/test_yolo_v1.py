@@ -43,8 +43,8 @@ def set_box(raw: Tensor, img: int, row: int, col: int, box: int, *values: float)
 
 
 def set_classes(raw: Tensor, img: int, row: int, col: int, *probs: float) -> None:
-    """Class logits of one cell whose softmax is `probs`."""
-    raw[img, row, col, -len(probs) :] = torch.tensor(probs).log()
+    """Class outputs of one cell: the probabilities themselves (linear, the paper's)."""
+    raw[img, row, col, -len(probs) :] = torch.tensor(probs)
 
 
 # One truth, class 1: [32, 8, 48, 32], centre (40, 20) in cell (row 0, column 1); relative to that

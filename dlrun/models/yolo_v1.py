@@ -9,7 +9,10 @@ classes, whatever its B boxes are: S * S * (5B + K) numbers for the whole image.
   divide by 7); a box belongs to the cell floor(centre / cell) of its centre.
 - Outputs: the paper's last layer is linear; here x, y, w, h and the confidence go through a
   sigmoid, a documented choice: it keeps sqrt(w), sqrt(h) defined and every value in the range
-  its target lives in. The class probabilities are the softmax of the K class logits.
+  its target lives in. The K class probabilities are linear outputs, as the paper's, regressed to
+  the one-hot class by the squared error: a softmax under a squared error learns slowly (its
+  gradient vanishes as the wrong class gets sure); with it the class term sat near chance for
+  three epochs of 20,000 scenes (2.80, 2.65, 2.40; mAP@0.5 0.25). Detection clips them to [0, 1].
 - Network: a small conv backbone (conv-BN-LeakyReLU(0.1) + 2x2 max-pool per stage, `width`
   channels at first, doubling), an adaptive average pool to S x S, then the paper's fully
   connected head: flatten -> `hidden` -> LeakyReLU(0.1) -> dropout (`dropout`, 0.5 as in the
@@ -128,10 +131,11 @@ class YOLOv1(nn.Module):
         return out.view(len(out), self.s, self.s, 5 * self.b + self.k)
 
     def split(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, S, S, B, 5) sigmoid box values (x, y, w, h, C) and (N, S, S, K) class probs."""
+        """(N, S, S, B, 5) sigmoid box values (x, y, w, h, C) and (N, S, S, K) class
+        probabilities, linear (the paper's last layer)."""
         n, s = raw.shape[:2]
         boxes = raw[..., : 5 * self.b].sigmoid().view(n, s, s, self.b, 5)
-        return boxes, raw[..., 5 * self.b :].softmax(-1)
+        return boxes, raw[..., 5 * self.b :]
 
     def decode(self, boxes: Tensor) -> Tensor:
         """(N, S, S, B, 4) xyxy pixel boxes from the sigmoid values of `split`."""
@@ -204,7 +208,7 @@ class YOLOv1(nn.Module):
         pred, probs = self.split(raw)
         boxes = clip_boxes_to_image(self.decode(pred).reshape(n, -1, 4), (self.size,) * 2)
         # (N, S, S, B, 1) x (N, S, S, 1, K): every box of a cell shares the cell's classes.
-        scores = (pred[..., 4:5] * probs[..., None, :]).reshape(n, -1, self.k)
+        scores = (pred[..., 4:5] * probs.clamp(0, 1)[..., None, :]).reshape(n, -1, self.k)
         img, index, label = (scores > self.score_threshold).nonzero(as_tuple=True)
         box, score = boxes[img, index], scores[img, index, label]
         # One NMS call per image, its classes the groups. One call for the whole batch (groups:
