@@ -170,6 +170,8 @@ def test_it_trains_through_the_detection_trainer(make_cfg, tmp_path: Path) -> No
     assert {f"train/loss_{t}" for t in ("coord", "conf_obj", "conf_noobj", "cls")} <= set(metrics)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert "anchors" not in state["model"]  # nothing fitted
+    # The default head is the notes' output volume: convolutions, no Linear layer.
+    assert not any(k.startswith("head.") and v.dim() == 2 for k, v in state["model"].items())
 
 
 @pytest.mark.parametrize(
@@ -193,6 +195,7 @@ def test_a_bad_grid_or_box_count_is_one_clear_error(make_cfg, key: str, message:
         ({"width": 0}, "model.width and model.hidden must be >= 1, got 0, 8"),
         ({"hidden": 0}, "model.width and model.hidden must be >= 1, got 4, 0"),
         ({"dropout": 1.0}, r"model.dropout must be in \[0, 1\), got 1.0"),
+        ({"head": "dense"}, "model.head must be one of conv, fc, got dense"),
     ],
 )
 def test_the_other_bad_sizes_are_named(kw: dict, message: str) -> None:
@@ -205,8 +208,8 @@ def test_resume_mid_epoch_ends_as_an_uninterrupted_run(
 ) -> None:
     """tests/test_detection.py's resume test for yolo_v1, whose dropout draws from the global RNG:
     one-cycle over 2 epochs of 3 steps, last.pt every 2 steps, the cut run dies in step 5."""
-    steps = (*TINY, "sched=onecycle", "data.train_scenes=24", "trainer.max_epochs=2",
-             "trainer.checkpoint_every_n_steps=2")  # fmt: skip
+    steps = (*TINY, "model.head=fc", "sched=onecycle", "data.train_scenes=24",
+             "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=2")  # fmt: skip
     whole = run(make_cfg(*steps), tmp_path / "w")
     stopped_at_step(make_cfg(*steps), tmp_path / "r", DetectionTrainer, 4, monkeypatch)
     resumed = run(make_cfg(*steps, "resume=true"), tmp_path / "r")
