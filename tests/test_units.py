@@ -256,6 +256,9 @@ def test_mode_units_writes_each_layer_s_grid_and_json(
         assert png.size == (9 * 52 + 2, 4 * 52 + 2)
     assert (folder / "features.3.png").is_file()
     assert "features.3 (Conv2d): receptive field 14 px, jump 2" in out
+    # Every conv and pool layer's receptive field, the pools' too (LeNet-5: 5, 6, 14, 16).
+    for name, rf, jump in [("features.0", 5, 1), ("features.2", 6, 2), ("features.5", 16, 4)]:
+        assert f"receptive field of {name}: {rf} px, jump {jump}" in out
     # TensorBoard: one more event file in the run itself, none in the results folder
     assert len(set(run_dir.glob("events.out.tfevents*")) - events) == 1
     assert not list((run_dir / "units").rglob("events.out.tfevents*"))

@@ -320,6 +320,8 @@ def show_units(
     names = chosen_layers(model, options.get("layers"))
     c, h, w = data.describe()["input_shape"]
     fields = {f.name: f for f in receptive_fields(model, (c, h, w))}
+    for f in fields.values():  # every conv and pool layer's, in forward order (the notes' table)
+        log.info("receptive field of %s: %s px, jump %s", f.name, _side(f.rf), _side(f.jump))
     names = names or default_layers(list(fields.values()), model)
     for name in names:
         if name not in fields:
