@@ -52,6 +52,9 @@ def test_the_notes_squared_loss_of_a_present_and_an_absent_digit() -> None:
     loss.backward()
     assert out.grad[1, 1:].abs().sum() == 0 and out.grad[1, 0] != 0  # Pc alone when absent
     assert LocalizationLoss().presence(OUT).tolist() == pytest.approx([0.5, 0.3])  # raw Pc
+    # loss.box_weight=5: the box's 0.02 counts 0.1; the absent canvas is unchanged.
+    weighted = LocalizationLoss(box_weight=5.0)(OUT, PRESENT, BOX, LABEL)
+    assert weighted.item() == pytest.approx((2.27 + 4 * 0.02 + 0.09) / 2)
 
 
 def test_the_cross_entropy_option_is_logistic_on_pc_and_softmax_on_the_class() -> None:
@@ -278,6 +281,7 @@ def test_the_other_mistakes_are_one_clear_error_each(data_root: Path) -> None:
         (lambda: canvases(data_root, 0, kind="landmarks"), "needs a digit on every canvas"),
         (lambda: canvases(data_root, 0, kind="boxes"), "must be localization or landmarks"),
         (lambda: LocalizationLoss(class_loss="hinge"), "must be squared or cross_entropy"),
+        (lambda: LocalizationLoss(box_weight=0.0), "loss.box_weight must be > 0, got 0.0"),
         (lambda: Localizer(in_channels=1, image_size=64, num_classes=10, width=0),
          "model.width must be a positive integer, got 0"),
     ]  # fmt: skip

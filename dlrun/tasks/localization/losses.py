@@ -25,12 +25,16 @@ class LocalizationLoss:
 
     task = "localization"
 
-    def __init__(self, name: str = "localization", class_loss: str = "squared") -> None:
+    def __init__(
+        self, name: str = "localization", class_loss: str = "squared", box_weight: float = 1.0
+    ) -> None:
         if class_loss not in CLASS_LOSSES:
             raise UserError(
                 f"loss.class_loss must be squared or cross_entropy, got '{class_loss}'."
             )
-        self.name, self.class_loss = name, class_loss
+        if box_weight <= 0:
+            raise UserError(f"loss.box_weight must be > 0, got {box_weight}.")
+        self.name, self.class_loss, self.box_weight = name, class_loss, float(box_weight)
 
     def presence(self, out: Tensor) -> Tensor:
         """(B,) Pc as the metrics read it: above 0.5 is "a digit is there"."""
@@ -43,7 +47,7 @@ class LocalizationLoss:
         out, p = out.float(), present.float()
         k = out.shape[1] - 5
         safe = torch.where(present.bool(), label, torch.zeros_like(label))
-        box_term = ((out[:, 1:5] - box) ** 2).sum(1)
+        box_term = self.box_weight * ((out[:, 1:5] - box) ** 2).sum(1)
         if self.class_loss == "squared":
             pc_term = (out[:, 0] - p) ** 2
             class_term = ((out[:, 5:] - F.one_hot(safe, k).float()) ** 2).sum(1)
