@@ -5,8 +5,8 @@
 Per run: test mAP@0.5 and COCO mAP@[.5:.95] and training time from its metrics.json (the 2,000
 fixed test scenes of data=mnist_det, scored by the final weights; best.pt chosen on the validation
 scenes of held-out training digits), trainable parameters, and inference images per second,
-measured here: the run's best.pt detecting the same 2,000 scenes in batches of 500, median of
-`--rounds` rounds, on this machine's threads. For R-CNN and Fast R-CNN the selective-search
+measured here: the run's best.pt detecting the first `--timed` of those scenes (500) in batches
+of 250, median of `--rounds` rounds, on this machine's threads. For R-CNN and Fast R-CNN the selective-search
 proposals are precomputed (cached), as both papers time them; their own images per second is a
 separate column, measured on 200 of the scenes.
 """
@@ -37,26 +37,26 @@ def scenes(root: str, with_proposals: dict | None) -> SceneData:
 
 
 @torch.no_grad()
-def images_per_second(model: torch.nn.Module, data: SceneData, rounds: int) -> float:
-    batch = data.example_batch(2000, "test")
+def images_per_second(model: torch.nn.Module, data: SceneData, rounds: int, n: int) -> float:
+    batch = data.example_batch(n, "test")
     extra = "proposals" in batch
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        for i in range(0, 2000, 500):
-            kw = {"proposals": batch["proposals"][i : i + 500]} if extra else {}
-            model(batch["image"][i : i + 500], **kw)
+        for i in range(0, n, 250):
+            kw = {"proposals": batch["proposals"][i : i + 250]} if extra else {}
+            model(batch["image"][i : i + 250], **kw)
         times.append(time.perf_counter() - start)
-    return 2000 / statistics.median(times)
+    return n / statistics.median(times)
 
 
-def row(run: Path, root: str, rounds: int) -> str:
+def row(run: Path, root: str, rounds: int, timed: int) -> str:
     metrics = json.loads((run / "metrics.json").read_text())
     model, _ = dlrun.load(run / "checkpoints" / "best.pt")
     model.eval()
     settings = getattr(model, "proposal_settings", None)
     data = scenes(root, dict(settings) if settings is not None else None)
-    ips = images_per_second(model, data, rounds)
+    ips = images_per_second(model, data, rounds, timed)
     ss = "–"
     if settings is not None:
         images = data.scenes["test"].images[:200]
@@ -72,13 +72,13 @@ def row(run: Path, root: str, rounds: int) -> str:
         f"{params} | `{command}` |"
     )
     if hasattr(model, "conv_form"):  # the sliding window: its loop over crops too
-        images = data.example_batch(200, "test")["image"]
+        images = data.example_batch(100, "test")["image"]
         model.conv_form = False
         start = time.perf_counter()
         with torch.no_grad():
             for part in images.split(50):
                 model(part)
-        loop = 200 / (time.perf_counter() - start)
+        loop = 100 / (time.perf_counter() - start)
         model.conv_form = True
         out += (
             f"\n| {name}, loop over crops | (the same scores) | {loop:.1f} | – | (the same run) | "
@@ -91,7 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--root", default="../shared/datasets")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--timed", type=int, default=500, help="test scenes timed per round")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -100,7 +101,7 @@ def main() -> None:
     print("| detector | test mAP@0.5 | test mAP | images/s | proposals/s | train min | params | command |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in args.runs:
-        print(row(run, args.root, args.rounds), flush=True)
+        print(row(run, args.root, args.rounds, args.timed), flush=True)
 
 
 if __name__ == "__main__":
