@@ -162,7 +162,7 @@ def test_it_trains_on_proposals_and_resumes_mid_epoch_as_an_uninterrupted_run(
         ({"image_size": 60, "stride": 8}, r"divide the image size 60 "),
         ({"rois_per_image": 0}, r"^model.rois_per_image must be > 0, got 0\.$"),
         ({"score_threshold": 2.0}, r"model.score_threshold in \[0, 1\], got 1.0 and 2.0\.$"),
-        ({"proposals": {"upscal": 3}}, r"^model.proposals takes upscale, max_boxes, strategy "),
+        ({"proposals": {"upscal": 3}}, r"^model.proposals takes upscale, max_boxes, strategy, not upscal "),
     ],
 )
 def test_model_mistakes_are_one_clear_error(kw: dict, message: str) -> None:

@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image, roi_pool
 
 from dlrun.errors import UserError
-from dlrun.models.regions import decode, encode, label_regions, sample
+from dlrun.models.regions import decode, encode, label_regions, proposal_settings, sample
 
 Detections = list[dict[str, Tensor]]
-PROPOSAL_KEYS = ("upscale", "max_boxes", "strategy")  # selective_search's keyword arguments
 STRIDES = (2, 4, 8, 16)
 
 
@@ -100,15 +99,8 @@ class FastRCNN(nn.Module):
                 "model.box_weight must be >= 0 and model.score_threshold in [0, 1], got "
                 f"{box_weight} and {score_threshold}."
             )
-        settings = dict(proposals or {})
-        unknown = sorted(set(settings) - set(PROPOSAL_KEYS))
-        if unknown:
-            raise UserError(
-                f"model.proposals takes {', '.join(PROPOSAL_KEYS)} (selective search's settings), "
-                f"not {', '.join(unknown)}."
-            )
         # What the detection trainer hands selective search for every split (and mode=predict).
-        self.proposal_settings = settings
+        self.proposal_settings = proposal_settings(proposals)
         self.k, self.size, self.stride, self.pool_size = num_classes, image_size, stride, pool_size
         self.rois_per_image, self.box_weight = rois_per_image, box_weight
         self.score_threshold, self.nms_iou, self.max_detections = (

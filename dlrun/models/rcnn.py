@@ -54,10 +54,9 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from dlrun.errors import UserError
 from dlrun.models import rcnn_heads as heads
-from dlrun.models.regions import decode, label_regions, sample
+from dlrun.models.regions import decode, label_regions, proposal_settings, sample
 from dlrun.models.yolo import Detections
 
-PROPOSAL_KEYS = ("upscale", "max_boxes", "strategy")  # selective_search's keywords
 # joint: the three parts learn together; heads: the paper's later stages, the SVMs and box
 # regressors alone on a fine-tuned CNN's frozen features (a run started from ckpt=<joint run>).
 STAGES = ("joint", "heads")
@@ -87,12 +86,7 @@ class RCNN(nn.Module):
     ) -> None:
         super().__init__()
         check(input_size, context, svm_c, box_ridge, regions_per_image, positive_fraction, chunk)
-        settings = dict(proposals if proposals is not None else {})
-        unknown = sorted(set(settings) - set(PROPOSAL_KEYS))
-        if unknown:
-            raise UserError(
-                f"model.proposals takes {', '.join(PROPOSAL_KEYS)}, not {', '.join(unknown)}."
-            )
+        settings = proposal_settings(proposals)
         if stage not in STAGES:
             raise UserError(f"model.stage must be one of {', '.join(STAGES)}, got {stage}.")
         self.proposal_settings, self.stage = settings, stage

@@ -5,11 +5,31 @@ Proposals come padded (B, P, 4), unused rows -1 (dlrun/data/proposals.py); true 
 with labels (B, M), -1 marking empty slots. Labels here count from 1: 0 is background.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
+
+from dlrun.errors import UserError
+
+PROPOSAL_KEYS = ("upscale", "max_boxes", "strategy")  # dlrun.data.proposals.selective_search's
+
+
+def proposal_settings(proposals: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`model.proposals` checked: the selective-search keywords a proposal detector hands the
+    detection trainer (its `proposal_settings`), or one line naming the unknown ones."""
+    settings = dict(proposals or {})
+    unknown = sorted(set(settings) - set(PROPOSAL_KEYS))
+    if unknown:
+        raise UserError(
+            f"model.proposals takes {', '.join(PROPOSAL_KEYS)}, not {', '.join(unknown)} "
+            "(selective search's settings)."
+        )
+    return settings
+
 
 # Fast R-CNN's: dx, dy, dw, dh targets scaled so each has about unit spread (torchvision's too).
 BOX_SCALE = (10.0, 10.0, 5.0, 5.0)
