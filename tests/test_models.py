@@ -79,11 +79,15 @@ def test_kaiming_keeps_a_batchnorm_vgg_s_logits_near_unit_scale(make_cfg) -> Non
     # fan_out on the 512 -> 10 classifier gave logits of std ~19 and an initial loss of ~33:
     # VGG-11-BN sat at chance on CIFAR-10 under SGD
     torch.manual_seed(0)
-    cfg = make_cfg("model=vgg11", "data=cifar10", "model.batch_norm=true")
+    cfg = make_cfg("model=vgg11", "data=cifar10", "model.batch_norm=true", "model.init=kaiming")
     net = instantiate_model(cfg.model).train()
     logits = net(torch.randn(64, 3, 32, 32))
     assert logits.std().item() < 4
     assert torch.nn.functional.cross_entropy(logits, torch.randint(0, 10, (64,))).item() < 6
+    # model.init=auto: torchvision's small head behind BatchNorm, He's for a plain stack
+    for bn, std in (("true", 0.01), ("false", (2 / 512) ** 0.5)):
+        net = instantiate_model(make_cfg("model=vgg11", "data=cifar10", f"model.batch_norm={bn}").model)
+        assert net.head[-1].weight.std().item() == pytest.approx(std, rel=0.1)
 
 
 def test_unknown_init_is_refused(make_cfg) -> None:

@@ -34,7 +34,7 @@ def test_an_optimizer_without_a_fused_kernel_falls_back() -> None:
     assert not opt.defaults["fused"]
 
 
-def test_precision_auto_is_fp32_on_cpu_and_unknown_names_are_user_errors() -> None:
+def test_precision_auto_is_fp32_for_a_task_without_cpu_bf16_and_unknown_names_are_errors() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16

@@ -24,7 +24,7 @@ from dlrun.engine.loop_state import Cadence, EpochProgress, LoopState, RunLength
 from dlrun.engine.monitor import Monitor
 from dlrun.engine.optimize import Optimization
 from dlrun.engine.placement import Placement
-from dlrun.engine.precision import resolve_precision
+from dlrun.engine.precision import check_resume, precision_name, resolve_precision
 from dlrun.engine.run_folder import FORMAT, RunFolder, rank_rngs, restore_rngs
 from dlrun.engine.run_logger import RunLogger
 from dlrun.engine.steps import OptimizerSteps
@@ -46,11 +46,11 @@ class Trainer:
     data_kinds: tuple[str, ...] = ("classification",)
     frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
     scores_test_at_end: bool = False  # test/* at the end when val/* is held out of training
+    cpu_bf16: bool = False  # trainer.precision=auto may pick bf16 on the CPU (docs/precision.md)
     takes_closures: bool = False  # L-BFGS re-evaluates the loss: the task steps by closure
     trains_weights: bool = True  # False (k-NN): `step` is all it trains, no optimizer, no steps
     modes: tuple[str, ...] = ("train", "eval")
-    # Modes that read no data set (data/described.py), by their option naming the input (a
-    # split there reads the data set; None: never).
+    # Modes that read no data set (data/described.py), by the option naming their input (None: never)
     data_free_modes: Mapping[str, str | None] = {}
 
     def __init__(
@@ -82,7 +82,7 @@ class Trainer:
         # The composed config: an opaque record that only the run folder stores and compares.
         self.folder = RunFolder(self.run_dir, config_record or {})
         self.placement = Placement(device, channels_last, compile, sync_batchnorm, freeze)
-        self.dtype = resolve_precision(precision, device)
+        self.dtype = resolve_precision(precision, device, self.cpu_bf16, type(self).__name__)
         self.memory_format, self.accumulate = self.placement.memory_format, accumulate_grad_batches
         self.optim_factory, self.sched_factory = optim, sched
         self.grad_clip, self.on_nonfinite = grad_clip, on_nonfinite
@@ -327,6 +327,7 @@ class Trainer:
             "skipped": self.guard.skipped,
             "progress": None if progress is None else vars(progress),
             "num_threads": torch.get_num_threads(),  # CPU float sums depend on it
+            "precision": precision_name(self.dtype),  # as `auto` resolved it
             # "data", "choices": what the modes need to build the task without its data set.
             **described.saved(self.data, getattr(self, "batches_per_epoch", None), self.hparams),
             **hook_state.saved(self.hooks),  # "hooks": each hook's state; "ema": the average
@@ -335,6 +336,7 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from what `state_dict` saved (checked by `folder.resumable`): every part's."""
         threads.restore(state.get("num_threads"), self.num_threads)
+        check_resume(state, self.dtype, self.last_path)
         self.folder.check_length(state, self.max_steps, self.sched_factory, self.trains_weights)
         self.folder.load_weights(self.model, state, self.last_path)
         self.opt.load_state_dict(state, state["step"])

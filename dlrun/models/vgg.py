@@ -39,7 +39,7 @@ class VGG(nn.Module):
         num_classes: int = 1000,
         image_size: int = 224,
         variant: str = "auto",
-        init: str = "default",
+        init: str = "auto",
         dropout: float = 0.5,
         batch_norm: bool = False,
     ) -> None:
@@ -78,7 +78,9 @@ class VGG(nn.Module):
                 nn.Linear(4096, num_classes),
             )
         self._init_like_torchvision()
-        init_weights(self, init)
+        # auto: He's init keeps a plain deep stack trainable; BatchNorm does that itself, and
+        # there torchvision's small head trains far better (configs/model/vgg11.yaml)
+        init_weights(self, ("default" if batch_norm else "kaiming") if init == "auto" else init)
 
     def _init_like_torchvision(self) -> None:
         # He init keeps the deep plain (no-BN) stacks trainable from scratch

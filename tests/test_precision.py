@@ -1,0 +1,65 @@
+"""trainer.precision=auto on the CPU: bf16 where the CPU computes it natively and the task has
+shown parity (docs/precision.md), recorded in the checkpoint, and a resume that would resolve
+otherwise refused."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlrun.cli import run
+from dlrun.engine import checkpoint, precision
+from dlrun.engine.precision import resolve_precision
+from dlrun.errors import UserError
+from dlrun.tasks.classification.trainer import ClassificationTrainer
+
+QUICK = ("model=lenet", "model.activation=relu", "data.batch_size=50", "sched=none")
+CPU = torch.device("cpu")
+
+
+def test_the_cpu_probe_is_torch_s_own() -> None:
+    # cpuinfo's flags, as torch reads them (not /proc): AMX or AVX512-BF16 means native bf16
+    flags = torch._C._cpu._get_cpu_capability()
+    native = flags.get("amx_bf16") or flags.get("avx512_bf16")
+    assert (precision.cpu_bf16_units() is not None) == bool(native)
+
+
+@pytest.mark.parametrize(
+    ("units", "task_allows", "expected"),
+    [("AVX512-BF16", True, torch.bfloat16), ("AMX", False, None), (None, True, None)],
+)
+def test_auto_on_the_cpu_needs_native_bf16_and_a_task_that_allows_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    units: str | None, task_allows: bool, expected: torch.dtype | None,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: units)
+    with caplog.at_level(logging.INFO, logger="dlrun.engine.precision"):
+        assert resolve_precision("auto", CPU, task_allows, "GANTrainer") is expected
+    [line] = [r.getMessage() for r in caplog.records]
+    why = {
+        torch.bfloat16: "bf16 autocast (this CPU has AVX512-BF16)",
+        None: "fp32 (GANTrainer keeps fp32 on the CPU" if units else "fp32 (this CPU has no",
+    }[expected]
+    assert line.startswith(f"trainer.precision=auto: {why}")
+    # an explicit choice is taken as given, and logs nothing
+    assert resolve_precision("fp32", CPU, True) is None
+    assert resolve_precision("bf16", CPU, False) is torch.bfloat16
+    assert len(caplog.records) == 1
+
+
+def test_a_run_records_its_precision_and_a_resume_that_resolves_otherwise_is_refused(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClassificationTrainer, "cpu_bf16", True)
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
+    run(make_cfg(*QUICK, "trainer.max_steps=3", "trainer.precision=auto"), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert checkpoint.load(last)["precision"] == "bf16"
+    # the same machine continues it; one without native bf16 would compute in fp32: refused
+    run(make_cfg(*QUICK, "trainer.max_steps=4", "trainer.precision=auto", "resume=true"),
+        tmp_path)  # fmt: skip
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)
+    with pytest.raises(UserError, match=r"computed in bf16, but trainer.precision resolves to fp32"):
+        run(make_cfg(*QUICK, "trainer.max_steps=5", "trainer.precision=auto", "resume=true"),
+            tmp_path)  # fmt: skip
