@@ -2,6 +2,8 @@
 
     python benchmarks/cyclegan_speed.py --size 128 --iters 20 --warmup 3 --rounds 3
     python benchmarks/cyclegan_speed.py --size 256 --iters 10 --warmup 2 --rounds 3
+    python benchmarks/cyclegan_speed.py --size 128 --iters 2 --warmup 1 --rounds 1 \
+        --threads 1                                  # smoke test of all three contenders
     python benchmarks/cyclegan_speed.py --size 128 --iters 3 --warmup 1 --rounds 1 \
         --threads 1 --only peer                      # smoke test of the authors' side
 
@@ -10,14 +12,19 @@ The authors' side is the `cycle_gan` model of their CUT repository
 (--peer, default /work/peer/cut) with `dominate` installed. Nothing of it is copied here: this
 script only starts both programs as fresh processes and reads what they report.
 
-Both train the same thing: batch 1, fp32, on the CPU, LSGAN, cycle weight 10, identity 0.5, an
+Both train the same thing: batch 1, on the CPU, LSGAN, cycle weight 10, identity 0.5, an
 image pool of 50 per discriminator, horse2zebra resized to --load-size and randomly cropped to
 --size, the ResNet generator (6 blocks at 128 px, 9 at 256) and the 70x70 PatchGAN. Their
 cycle_gan defaults to anti-aliased (blurred) down- and up-sampling and Xavier init; the original
 CycleGAN networks, which dlrun builds, use stride-2 and transposed convolutions and N(0, 0.02),
-so their command gets `--no_antialias --no_antialias_up --init_type normal`. Data loading runs
-in the training process on both sides (--loader-workers 0: their --num_threads, dlrun's
-data.num_workers); the torch threads come from OMP_NUM_THREADS / MKL_NUM_THREADS.
+so their command gets `--no_antialias --no_antialias_up --init_type normal`. Theirs computes in
+fp32: their code has no bf16 option for the CPU (cycle_gan's only mixed-precision path is NVIDIA
+apex's `amp.scale_loss` behind `opt.amp`, which no option defines). dlrun runs once per entry of
+--dlrun-precisions (default `fp32 bf16`) with `trainer.precision=<p>`: fp32, and bf16 autocast
+(fp32 weights and Adam, the convolutions in bf16 under torch.autocast, the losses in fp32);
+`auto` is also accepted and the log's choice is shown. Data loading runs in the training
+process on both sides (--loader-workers 0: their --num_threads, dlrun's data.num_workers); the
+torch threads come from OMP_NUM_THREADS / MKL_NUM_THREADS.
 
 Their train.py cannot run `--model cycle_gan` as committed (their issue #41): train.py calls
 `model.data_dependent_initialize(data)`, which CycleGANModel defines without the argument, and
@@ -43,12 +50,18 @@ Timing, seconds per iteration, start-up and the first W iterations excluded:
   writes `train/lr` (and the train/*_step scalars) once per step; the events' wall times between
   steps W..W+N give wall time per step, data loading included.
 
-Each round runs both, alternating which goes first; the table gives each side's median over the
-rounds of its per-round median, and the ratio dlrun / theirs. --threads 1,2 first runs their
-side once at each thread count and keeps the faster for every round (both sides); both are shown.
+Each round runs their side once and dlrun once per precision, as fresh processes, the order
+rotating between rounds (round i starts with contender i: theirs, dlrun fp32, dlrun bf16, ...,
+so with at least as many rounds as contenders each goes first once); the table gives each
+contender's median over the rounds of its per-round median, and each dlrun precision's ratio
+dlrun / theirs. It is printed twice: with the full command lines (and their compute-only row),
+then as the markdown rows of benchmarks/README.md (size, contender and command, median, rounds,
+ratio). --threads 1,2 first runs their side once at each thread count and keeps the faster for
+every round (all contenders); both are shown.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -57,6 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +91,8 @@ runpy.run_path('train.py', run_name='__main__')
 """
 
 PEER_LINE = re.compile(r"^\(epoch: (\d+), iters: (\d+), time: ([0-9.]+), data: ([0-9.]+)\)")
+AUTO_LINE = re.compile(r"trainer\.precision=auto: (.*)$")  # dlrun's log of what `auto` chose
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # trainer.precision's values
 LOAD_SIZE = {128: 143, 256: 286}  # the authors' resize-then-crop sizes
 BLOCKS = {128: 6, 256: 9}
 
@@ -175,14 +191,14 @@ def run_peer(a: argparse.Namespace, threads: int, tag: str) -> Result:
 DLRUN_STEP_TAG = "train/lr"
 
 
-def dlrun_cmd(a: argparse.Namespace, run_dir: Path) -> list[str]:
+def dlrun_cmd(a: argparse.Namespace, run_dir: Path, precision: str) -> list[str]:
     return [
         "dlrun", "model=cyclegan", "data=horse2zebra",
         f"data.image_size={a.size}", f"data.load_size={a.load_size}",
         f"data.num_workers={a.loader_workers}",
         f"trainer.max_steps={a.warmup + a.iters}",
         "trainer.log_every_n_steps=1", "trainer.val_every_n_epochs=1000",
-        "trainer.progress=false",
+        "trainer.progress=false", f"trainer.precision={precision}",
         f"hydra.run.dir={run_dir}",
         *a.dlrun_extra.split(),
     ]  # fmt: skip
@@ -199,18 +215,23 @@ def step_wall_times(run_dir: Path, tag: str) -> dict[int, float]:
     return times
 
 
-def run_dlrun(a: argparse.Namespace, threads: int, tag: str) -> Result:
-    run_dir = Path(a.workdir) / tag / "dlrun"
+def run_dlrun(a: argparse.Namespace, threads: int, tag: str, precision: str) -> Result:
+    run_dir = Path(a.workdir) / tag / f"dlrun_{precision}"
     env = thread_env(threads)
     env["DLRUN_DATA"] = a.data
-    for _ in stream(dlrun_cmd(a, run_dir), None, env, run_dir.parent / "dlrun.log", a.timeout):
-        pass
+    log_path = run_dir.parent / f"dlrun_{precision}.log"
+    chosen = None
+    for _, line in stream(dlrun_cmd(a, run_dir, precision), None, env, log_path, a.timeout):
+        m = AUTO_LINE.search(line.rstrip())
+        if m:
+            chosen = m.group(1)
     times = step_wall_times(run_dir, DLRUN_STEP_TAG)
     total = a.warmup + a.iters
     missing = [s for s in range(a.warmup, total + 1) if s not in times]
     if missing:
         raise RuntimeError(f"dlrun: no {DLRUN_STEP_TAG!r} event at steps {missing[:5]}...")
-    return Result([times[s] - times[s - 1] for s in range(a.warmup + 1, total + 1)])
+    per_iter = [times[s] - times[s - 1] for s in range(a.warmup + 1, total + 1)]
+    return Result(per_iter, extra={"auto": chosen} if chosen else {})
 
 
 # --- the comparison ------------------------------------------------------------------------------
@@ -235,6 +256,15 @@ def main() -> None:
         "is used for every round",
     )
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers, both sides")
+    p.add_argument(
+        "--dlrun-precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        default=["fp32", "bf16"],
+        metavar="P",
+        help="dlrun runs once per round at each (trainer.precision=P; one of "
+        f"{', '.join(PRECISIONS)}); theirs stays fp32. Default: fp32 bf16",
+    )
     p.add_argument("--only", choices=("peer", "dlrun"), help="run one side (smoke tests)")
     p.add_argument("--peer-extra", default="", help="extra options for their train.py")
     p.add_argument("--dlrun-extra", default="", help="extra Hydra overrides for dlrun")
@@ -245,6 +275,8 @@ def main() -> None:
     if a.warmup < 1:
         p.error("--warmup must be >= 1: the first iteration includes their model set-up")
     a.load_size = LOAD_SIZE[a.size]
+    if len(set(a.dlrun_precisions)) != len(a.dlrun_precisions):
+        p.error("--dlrun-precisions lists a precision twice")
     n_train = min(
         len(list((Path(a.data) / "horse2zebra" / d).iterdir())) for d in ("trainA", "trainB")
     )
@@ -265,41 +297,54 @@ def main() -> None:
                 best, threads = r.median, t
         print(f"  -> {threads} threads for every round\n")
 
-    sides = {"theirs": run_peer, "dlrun": run_dlrun}
-    if a.only:
-        name = "theirs" if a.only == "peer" else "dlrun"
-        sides = {name: sides[name]}
-    results: dict[str, list[Result]] = {name: [] for name in sides}
+    # The contenders: theirs, then dlrun at each precision, in the order given.
+    sides: dict[str, Callable[[argparse.Namespace, int, str], Result]] = {}
+    if a.only != "dlrun":
+        sides["theirs"] = run_peer
+    if a.only != "peer":
+        for prec in a.dlrun_precisions:
+            sides[f"dlrun {prec}"] = functools.partial(run_dlrun, precision=prec)
+    names = list(sides)
+    results: dict[str, list[Result]] = {name: [] for name in names}
     for i in range(a.rounds):
-        order = list(sides) if i % 2 == 0 else list(sides)[::-1]
-        for name in order:
+        k = i % len(names)  # rotating: round i starts with contender i
+        for name in names[k:] + names[:k]:
             r = sides[name](a, threads, f"round{i}")
             results[name].append(r)
             extra = ""
             if r.compute_mean is not None:
                 extra = f", compute-only mean {r.compute_mean:.3f}"
+            if "auto" in r.extra:
+                extra = f", auto: {r.extra['auto']}"
             print(f"round {i + 1}/{a.rounds} {name}: median {r.median:.3f} s/it{extra}")
-        raw["rounds"].append({n: results[n][-1].__dict__ for n in sides})
+        raw["rounds"].append({n: results[n][-1].__dict__ for n in names})
 
     medians = {n: [r.median for r in rs] for n, rs in results.items()}
     overall = {n: statistics.median(m) for n, m in medians.items()}
+    dlrun_names = [n for n in names if n != "theirs"]
+    ratios: dict[str, tuple[float, list[float]]] = {}  # dlrun contender: (overall, per round)
+    if "theirs" in overall:
+        for n in dlrun_names:
+            per_round = [d / t for d, t in zip(medians[n], medians["theirs"], strict=True)]
+            ratios[n] = (overall[n] / overall["theirs"], per_round)
     env_show = f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
     peer_args = peer_cmd(a, Path(a.workdir) / "<round>" / "peer")
     peer_show = " ".join([env_show, "python -u -c $PEER_LAUNCHER", *peer_args])
-    dlrun_args = dlrun_cmd(a, Path(a.workdir) / "<round>" / "dlrun")
-    dlrun_show = " ".join([env_show, f"DLRUN_DATA={a.data}", *dlrun_args])
+
+    def dlrun_args(n: str) -> list[str]:
+        prec = n.removeprefix("dlrun ")
+        return dlrun_cmd(a, Path(a.workdir) / "<round>" / f"dlrun_{prec}", prec)
+
+    precisions = "dlrun " + "/".join(a.dlrun_precisions)
+    if a.only != "dlrun":
+        precisions = "fp32" if a.only == "peer" else f"theirs fp32, {precisions}"
     print(
         f"\nCycleGAN, horse2zebra, {a.size} px (load {a.load_size}), {BLOCKS[a.size]} blocks, "
-        f"batch 1, fp32, CPU, OMP_NUM_THREADS={threads}; {a.iters} timed iterations after "
-        f"{a.warmup}, {a.rounds} round(s), fresh processes, order alternating.\n"
+        f"batch 1, {precisions}, CPU, OMP_NUM_THREADS={threads}; {a.iters} timed iterations "
+        f"after {a.warmup}, {a.rounds} round(s), fresh processes, order rotating.\n"
     )
     print("| contender | command line | median s/iteration | all rounds | dlrun / theirs |")
     print("| --- | --- | --- | --- | --- |")
-    ratio = ""
-    if "theirs" in overall and "dlrun" in overall:
-        ratio = f"{overall['dlrun'] / overall['theirs']:.3f}x"
-        per_round = [d / t for d, t in zip(medians["dlrun"], medians["theirs"], strict=True)]
-        ratio += f" (per round: {fmt(per_round)})"
     if "theirs" in overall:
         print(
             f"| theirs (CUT repo, cycle_gan), wall | `{peer_show}` | {overall['theirs']:.3f} "
@@ -310,11 +355,47 @@ def main() -> None:
             f"| theirs, compute only (t_comp inverted; mean) | same | {statistics.median(comp):.3f} "
             f"| {fmt(comp)} | |"
         )
-    if "dlrun" in overall:
+    for n in dlrun_names:
+        ratio = ""
+        if n in ratios:
+            ratio = f"{ratios[n][0]:.3f}x (per round: {fmt(ratios[n][1])})"
+        dlrun_show = " ".join([env_show, f"DLRUN_DATA={a.data}", *dlrun_args(n)])
+        print(f"| {n}, wall | `{dlrun_show}` | {overall[n]:.3f} | {fmt(medians[n])} | {ratio} |")
+
+    # The same rows as benchmarks/README.md writes them: bookkeeping options (paths, run folder,
+    # display/save frequencies, progress bar) left out, later dlrun rows as "the same with ...".
+    size = f"{a.size} px, {BLOCKS[a.size]} blocks"
+    n_rounds = f"{a.rounds} round{'s' if a.rounds != 1 else ''}"
+    print("\nAs in benchmarks/README.md:\n")
+    print(f"| size | contender | median s/iteration ({n_rounds}) | rounds | dlrun / theirs |")
+    print("| --- | --- | --- | --- | --- |")
+    if "theirs" in overall:
+        hidden = {"--name", "--checkpoints_dir", "--display_freq"}
+        hidden |= {"--save_latest_freq", "--save_epoch_freq"}
+        shown: list[str] = []
+        for k, arg in enumerate(peer_args):
+            if arg in hidden or (k and peer_args[k - 1] in hidden):
+                continue
+            shown.append(".../horse2zebra" if k and peer_args[k - 1] == "--dataroot" else arg)
+        cmd = " ".join([f"OMP_NUM_THREADS={threads}", "python -u -c $PEER_LAUNCHER", *shown])
         print(
-            f"| dlrun, wall | `{dlrun_show}` | {overall['dlrun']:.3f} "
-            f"| {fmt(medians['dlrun'])} | {ratio} |"
+            f"| {size} | theirs, `{cmd}` (and huge `--display_freq`/`--save_*_freq`) "
+            f"| {overall['theirs']:.3f} | {fmt(medians['theirs'])} | 1 |"
         )
+    first: list[str] | None = None
+    for n in dlrun_names:
+        shown = [
+            x for x in dlrun_args(n) if not x.startswith(("hydra.run.dir=", "trainer.progress="))
+        ]
+        if first is None:
+            first = shown
+            what = f"`{' '.join([f'OMP_NUM_THREADS={threads}', *shown])}`"
+        else:
+            what = f"the same with `{' '.join(x for x in shown if x not in first)}`"
+        ratio = ""
+        if n in ratios:
+            ratio = f"**{ratios[n][0]:.3f}x** (per round {fmt(ratios[n][1])})"
+        print(f"| {size} | {n}, {what} | {overall[n]:.3f} | {fmt(medians[n])} | {ratio} |")
     print(f"\nLogs and run folders: {a.workdir}")
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1, default=str))
