@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from dlrun.engine import dist
@@ -72,8 +73,9 @@ class Evaluation:
         with self.stop.cuttable() as outcome:  # a stop signal now ends the evaluation at once
             # First the hooks' (trainer.ema's average), so that what a task keeps of its last
             # evaluation (images, per-class reports) is the raw weights'.
-            extra = self.hooks.before_evaluation("val")
-            metrics = evaluate(self.batches(self.data.val_loader(), "val"), "val") | extra
+            with torch.inference_mode():  # no autograd bookkeeping at all (no_grad keeps some)
+                extra = self.hooks.before_evaluation("val")
+                metrics = evaluate(self.batches(self.data.val_loader(), "val"), "val") | extra
         self.phase = "train"
         if outcome["cut"]:
             return
@@ -90,7 +92,8 @@ class Evaluation:
     def checkpoint(self, evaluate: Evaluate, show: Show, run_dir: Path) -> dict[str, float]:
         """mode=eval: a checkpoint's test/* said in the log, and what its evaluation shows (a
         confusion matrix) as files in `run_dir`, not TensorBoard events (result_files.py)."""
-        metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
+        with torch.inference_mode():
+            metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
         if dist.is_main():
             with ResultFiles(run_dir) as files:
                 show(files, "test")  # type: ignore[arg-type]
@@ -109,7 +112,8 @@ class Evaluation:
         if self.data.describe().get("val_is_test", True):
             return
         self.phase = "eval"
-        metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
+        with torch.inference_mode():
+            metrics = evaluate(self.batches(self.data.test_loader(), "test"), "test")
         self.phase = "train"
         self.logger.log(metrics, state)
         if self.logger.writer is not None:
