@@ -87,7 +87,11 @@ class TensorLoader:
                 "map each tensor key to one of them with `groups`"
             )
         for indices in batches[skip:]:
-            batch = {key: t[indices[self.groups[key]]] for key, t in self.tensors.items()}
+            # index_select, not t[idx]: the same gather, but advanced indexing costs ~10x more on
+            # the CPU (MNIST batch of 64: 95 vs 10 us; CIFAR-10: 330 vs 16 us), a tenth of a step
+            batch = {
+                key: t.index_select(0, indices[self.groups[key]]) for key, t in self.tensors.items()
+            }
             for transform in self.transforms:
                 batch = transform(batch, self.aug_generator)
             # Counted before the yield: while the consumer holds this batch it is done, and
