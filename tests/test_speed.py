@@ -162,3 +162,20 @@ def test_airbench_gets_its_whitening_from_the_training_images(make_cfg, tmp_path
     fresh = AirNet().state_dict()["whiten.weight"]
     assert not torch.allclose(weight["whiten.weight"], fresh)
     assert torch.allclose(weight["whiten.weight"][:12], -weight["whiten.weight"][12:])
+
+
+def test_evaluations_run_in_inference_mode(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # inference_mode, not only no_grad: no version counters, no autograd bookkeeping at all
+    modes: list[tuple[str, bool]] = []
+    evaluate = ClassificationTrainer.evaluate
+
+    def spy(self: ClassificationTrainer, loader: object, prefix: str) -> dict:
+        modes.append((prefix, torch.is_inference_mode_enabled()))
+        return evaluate(self, loader, prefix)
+
+    monkeypatch.setattr(ClassificationTrainer, "evaluate", spy)
+    run(make_cfg(*QUICK, "data.val_split=0.2"), tmp_path)  # val, then the test split at the end
+    assert modes == [("val", True), ("test", True)]
+    assert not torch.is_inference_mode_enabled()
