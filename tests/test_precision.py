@@ -25,26 +25,31 @@ def test_the_cpu_probe_is_torch_s_own() -> None:
     assert (precision.cpu_bf16_units() is not None) == bool(native)
 
 
+BIG = precision.CPU_BF16_MIN_FLOPS  # a network large enough for bf16 to pay on the CPU
+
+
 @pytest.mark.parametrize(
-    ("units", "task_allows", "expected"),
-    [("AVX512-BF16", True, torch.bfloat16), ("AMX", False, None), (None, True, None)],
+    ("units", "task_allows", "flops", "why"),
+    [
+        ("AVX512-BF16", True, BIG, "bf16 (this CPU has AVX512-BF16"),
+        ("AMX", False, BIG, "fp32 (GANTrainer keeps fp32 on the CPU"),
+        ("AMX", True, BIG - 1, "fp32 (10.0 MFLOPs per item: too small for bf16 to pay"),
+        (None, True, BIG, "fp32 (this CPU has no native bf16"),
+    ],
 )
-def test_auto_on_the_cpu_needs_native_bf16_and_a_task_that_allows_it(
+def test_auto_on_the_cpu_needs_native_bf16_a_task_that_allows_it_and_a_large_network(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    units: str | None, task_allows: bool, expected: torch.dtype | None,
+    units: str | None, task_allows: bool, flops: int, why: str,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: units)
     with caplog.at_level(logging.INFO, logger="dlrun.engine.precision"):
-        assert resolve_precision("auto", CPU, task_allows, "GANTrainer") is expected
+        dtype = resolve_precision("auto", CPU, task_allows, flops, "GANTrainer")
+    assert dtype is (torch.bfloat16 if why.startswith("bf16") else None)
     [line] = [r.getMessage() for r in caplog.records]
-    why = {
-        torch.bfloat16: "bf16 autocast (this CPU has AVX512-BF16)",
-        None: "fp32 (GANTrainer keeps fp32 on the CPU" if units else "fp32 (this CPU has no",
-    }[expected]
     assert line.startswith(f"trainer.precision=auto: {why}")
     # an explicit choice is taken as given, and logs nothing
-    assert resolve_precision("fp32", CPU, True) is None
-    assert resolve_precision("bf16", CPU, False) is torch.bfloat16
+    assert resolve_precision("fp32", CPU, True, BIG) is None
+    assert resolve_precision("bf16", CPU, False, 0) is torch.bfloat16
     assert len(caplog.records) == 1
 
 
@@ -52,6 +57,7 @@ def test_a_run_records_its_precision_and_a_resume_that_resolves_otherwise_is_ref
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ClassificationTrainer, "cpu_bf16", True)
+    monkeypatch.setattr(precision, "CPU_BF16_MIN_FLOPS", 0)  # the test's LeNet is small
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
     run(make_cfg(*QUICK, "trainer.max_steps=3", "trainer.precision=auto"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

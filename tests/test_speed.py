@@ -36,7 +36,7 @@ def test_an_optimizer_without_a_fused_kernel_falls_back() -> None:
 
 def test_precision_auto_is_fp32_for_a_task_without_cpu_bf16_and_unknown_names_are_errors() -> None:
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("auto", cpu, cpu_bf16=False, flops=10**9) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     with pytest.raises(UserError, match="trainer.precision must be one of auto, fp32"):
         resolve_precision("fp8", cpu)

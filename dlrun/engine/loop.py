@@ -24,7 +24,7 @@ from dlrun.engine.loop_state import Cadence, EpochProgress, LoopState, RunLength
 from dlrun.engine.monitor import Monitor
 from dlrun.engine.optimize import Optimization
 from dlrun.engine.placement import Placement
-from dlrun.engine.precision import check_resume, precision_name, resolve_precision
+from dlrun.engine.precision import check_precision, check_resume, precision_name, resolve_precision
 from dlrun.engine.run_folder import FORMAT, RunFolder, rank_rngs, restore_rngs
 from dlrun.engine.run_logger import RunLogger
 from dlrun.engine.steps import OptimizerSteps
@@ -36,14 +36,12 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`;
-    it may also name its networks by role (`roles`, `frozen_roles`), add modes (`modes`,
-    `mode_<name>`), state (`extra_state`), start/end logging and a model check. The constructor
-    only stores; `setup()` (after every subclass constructor has run) calls those methods."""
+    """Owns the loop. A task implements `step(batch) -> {metric: (sum, count)}` and `evaluate`,
+    maybe roles, modes (`mode_*`), `extra_state`, start/end logging and a model check. The
+    constructor only stores; `setup()` (after every subclass constructor) calls those methods."""
 
     default_monitor: str | None = "val/acc"
-    # The data it trains on, by module `kind`: "classification" (image, label; the default).
-    data_kinds: tuple[str, ...] = ("classification",)
+    data_kinds: tuple[str, ...] = ("classification",)  # the data it trains on, by module `kind`
     frozen_roles: frozenset[str] = frozenset()  # e.g. a teacher: eval mode, no optimizer
     scores_test_at_end: bool = False  # test/* at the end when val/* is held out of training
     cpu_bf16: bool = False  # trainer.precision=auto may pick bf16 on the CPU (docs/precision.md)
@@ -82,7 +80,7 @@ class Trainer:
         # The composed config: an opaque record that only the run folder stores and compares.
         self.folder = RunFolder(self.run_dir, config_record or {})
         self.placement = Placement(device, channels_last, compile, sync_batchnorm, freeze)
-        self.dtype = resolve_precision(precision, device, self.cpu_bf16, type(self).__name__)
+        self.precision, self.dtype = check_precision(precision), None  # resolved in setup()
         self.memory_format, self.accumulate = self.placement.memory_format, accumulate_grad_batches
         self.optim_factory, self.sched_factory = optim, sched
         self.grad_clip, self.on_nonfinite = grad_clip, on_nonfinite
@@ -161,6 +159,8 @@ class Trainer:
         trainable = self.placement.trainable(roles, self.frozen_roles)
         self.params = sum(p.numel() for ps in trainable.values() for p in ps)
         self.flops = self.count_flops()
+        self.dtype = resolve_precision(self.precision, self.device, self.cpu_bf16, self.flops,
+                                       type(self).__name__)  # fmt: skip
         self.batches_per_epoch = n = len(self.train_loader())
         self.steps_per_epoch, self.max_steps, self.max_epochs = self.length.plan(n)
         fp16 = self.dtype == torch.float16

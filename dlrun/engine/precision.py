@@ -32,31 +32,46 @@ def cpu_bf16_units() -> str | None:
     return None
 
 
+# Below this many forward FLOPs per item bf16's conversions cost more than its arithmetic saves
+# on the CPU: LeNet-5 (0.8 MFLOPs) trained 1.2x slower in bf16 than in fp32, YOLO (41 MFLOPs) and
+# every larger network faster (docs/precision.md).
+CPU_BF16_MIN_FLOPS = 10_000_000
+
+
+def check_precision(precision: str) -> str:
+    """A valid trainer.precision name, refused in one line otherwise (before any work)."""
+    if precision != "auto" and precision not in DTYPES:
+        raise UserError(
+            f"trainer.precision must be one of auto, {', '.join(DTYPES)}, got '{precision}'."
+        )
+    return precision
+
+
 def resolve_precision(
-    precision: str, device: torch.device, cpu_bf16: bool = False, task: str = "this task"
-) -> torch.dtype | None:
-    """The autocast dtype (None: fp32). `cpu_bf16`: the task trains as well in bf16 on the CPU,
-    so `auto` may pick it there; each `auto` logs what it chose and why, once."""
-    if precision != "auto":
-        if precision not in DTYPES:
-            raise UserError(
-                f"trainer.precision must be one of auto, {', '.join(DTYPES)}, got '{precision}'."
-            )
+    precision: str, device: torch.device, cpu_bf16: bool = False, flops: int = 0,
+    task: str = "this task",
+) -> torch.dtype | None:  # fmt: skip
+    """The autocast dtype (None: fp32). On the CPU `auto` is bf16 only where the CPU computes
+    bf16 natively, the task trains as well in it (`cpu_bf16`), and the network is large enough
+    for bf16 to pay (`flops` per item); each `auto` logs what it chose and why, once."""
+    if check_precision(precision) != "auto":
         return DTYPES[precision]
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         why = "this GPU computes bf16" if bf16 else "this GPU has no bf16"
     elif device.type == "cpu":
         units = cpu_bf16_units()
-        bf16 = bool(units) and cpu_bf16
+        small = flops < CPU_BF16_MIN_FLOPS
+        bf16 = bool(units) and cpu_bf16 and not small
         why = (
             f"this CPU has {units}" if bf16
-            else f"{task} keeps fp32 on the CPU (docs/precision.md)" if units
-            else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+            else "this CPU has no native bf16 (AVX512-BF16 or AMX)" if not units
+            else f"{task} keeps fp32 on the CPU" if not cpu_bf16
+            else f"{flops / 1e6:.1f} MFLOPs per item: too small for bf16 to pay on the CPU"
         )  # fmt: skip
     else:
         bf16, why = False, f"{device.type} devices compute in fp32 here"
-    log.info("trainer.precision=auto: %s (%s)", "bf16 autocast" if bf16 else "fp32", why)
+    log.info("trainer.precision=auto: %s (%s; docs/precision.md)", "bf16" if bf16 else "fp32", why)
     return torch.bfloat16 if bf16 else None
 
 
