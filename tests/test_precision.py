@@ -69,3 +69,36 @@ def test_a_run_records_its_precision_and_a_resume_that_resolves_otherwise_is_ref
     with pytest.raises(UserError, match=r"computed in bf16, but trainer.precision resolves to fp32"):
         run(make_cfg(*QUICK, "trainer.max_steps=5", "trainer.precision=auto", "resume=true"),
             tmp_path)  # fmt: skip
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_exact_resume_holds_when_auto_resolves_to_bf16(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the README's exact-resume promise, per precision: here the one `auto` picks on a bf16 CPU
+    monkeypatch.setattr(ClassificationTrainer, "cpu_bf16", True)
+    monkeypatch.setattr(precision, "CPU_BF16_MIN_FLOPS", 0)
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AVX512-BF16")
+    args = (*QUICK, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3",
+            "trainer.precision=auto", "data.batch_size=25")  # fmt: skip
+    whole = run(make_cfg(*args), tmp_path / "whole")
+    save = checkpoint.save
+
+    def save_then_die(path: Path, state: dict) -> None:  # dies right after the step-3 checkpoint
+        save(path, state)
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        run(make_cfg(*args), tmp_path / "split")
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert checkpoint.load(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 3
+    resumed = run(make_cfg(*args, "resume=true"), tmp_path / "split")
+    timing = ("time", "images_per_s", "_s")
+    assert {k: v for k, v in resumed.items() if not any(t in k for t in timing)} == {
+        k: v for k, v in whole.items() if not any(t in k for t in timing)
+    }
+    assert checkpoint.load(tmp_path / "whole" / "checkpoints" / "last.pt")["precision"] == "bf16"
