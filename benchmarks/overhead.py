@@ -26,8 +26,10 @@ from omegaconf import DictConfig
 
 from dlrun.cli import CONFIG_DIR, run
 from dlrun.data.transforms import RandomCrop, RandomHFlip
+from dlrun.engine.introspect import count_flops
 from dlrun.engine.optimize import build_optimizer
 from dlrun.engine.precision import resolve_precision
+from dlrun.tasks.classification.trainer import ClassificationTrainer
 
 
 @dataclass
@@ -84,7 +86,12 @@ def plain_loop(cfg: DictConfig) -> Callable[[], tuple[float, float]]:
     batch, pad, flip = cfg.data.batch_size, cfg.data.crop_padding, cfg.data.hflip
     per_epoch = len(x_all) // batch + (len(x_all) % batch > 0)
     steps = min(cfg.trainer.max_steps or per_epoch, per_epoch)
-    dtype = resolve_precision(cfg.trainer.precision, device)
+    # the precision dlrun resolves for this network (auto: bf16 on a bf16 CPU for >= 10 MFLOPs)
+    probe = instantiate(cfg.model)
+    flops = count_flops(probe, tuple(data.describe()["input_shape"]), device)
+    dtype = resolve_precision(
+        cfg.trainer.precision, device, ClassificationTrainer.cpu_bf16, flops, "the plain loop"
+    )
     layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     loss_fn = instantiate(cfg.loss)
 
