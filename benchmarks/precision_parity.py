@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import commit
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results") / "precision_parity.jsonl"
 OUT_DIR = Path("/work/runs/parity")
@@ -155,17 +157,6 @@ def default_data_root() -> Path:
         if root.is_dir():
             return root
     return REPO.parent / "shared" / "datasets"
-
-
-def commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "dlrun", "configs"],
-        capture_output=True, text=True, cwd=REPO,
-    ).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def kept_overrides(run_dir: Path) -> list[str] | None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import commit
 
 RESULTS = Path(__file__).with_name("results") / "readme_runs.jsonl"
 # table -> [(command after `dlrun`, metrics to show)]; `defaults` is the README's "Measured on
@@ -50,13 +51,6 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
         (f"experiment=cifar10_fast {FAST} data.cutmix=1.0", ["val/acc", "time/train_s"]),
     ],
 }  # fmt: skip
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "dlrun", "configs"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def machine() -> str:

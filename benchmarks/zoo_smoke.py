@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from _common import commit
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 RESULTS = Path(__file__).with_name("results") / "zoo_smoke.jsonl"
@@ -127,17 +129,6 @@ def step_losses(run_dir: Path) -> list[float]:
     acc.Reload()
     events = {e.step: e.value for e in acc.Scalars("train/loss_step")}
     return [events[s] for s in sorted(events)]
-
-
-def commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "dlrun", "configs"],
-        capture_output=True, text=True, cwd=REPO,
-    ).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def optimizer_label(cfg: Any, choices: Any) -> str:

@@ -5,6 +5,7 @@ still override."""
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,6 +24,7 @@ INHERIT = {"lenet"}
 
 @pytest.fixture(scope="module")
 def zs() -> ModuleType:
+    sys.path.insert(0, str(SCRIPT.parent))  # as `python benchmarks/zoo_smoke.py` has it: _common
     spec = importlib.util.spec_from_file_location("zoo_smoke", SCRIPT)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
