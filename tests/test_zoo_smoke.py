@@ -5,7 +5,6 @@ still override."""
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,11 +23,12 @@ INHERIT = {"lenet"}
 
 @pytest.fixture(scope="module")
 def zs() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # as `python benchmarks/zoo_smoke.py` has it: _common
     spec = importlib.util.spec_from_file_location("zoo_smoke", SCRIPT)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as mp:  # as `python benchmarks/zoo_smoke.py` has it: _common
+        mp.syspath_prepend(str(SCRIPT.parent))
+        spec.loader.exec_module(module)
     return module
 
 
